@@ -1,0 +1,34 @@
+# Two commands do all the set-up on a fresh machine: `make demo` and `make test`.
+# Both create the virtual environment .venv when it is missing.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+OUT    ?= results
+
+.PHONY: demo test lint bench venv clean
+
+$(BIN)/dicejax: pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e '.[test]'
+	touch $(BIN)/dicejax
+
+venv: $(BIN)/dicejax
+
+demo: venv
+	$(BIN)/dicejax train --dataset digits --nodes 16 --topology exponential --model mlp \
+	    --lr 0.1 --batch 16 --steps 300 --out $(OUT)/train
+
+test: venv
+	$(BIN)/ruff check src tests benchmarks
+	$(BIN)/python -m pytest -q
+
+lint: venv
+	$(BIN)/ruff check src tests benchmarks
+
+bench: venv
+	$(BIN)/pip install --quiet '.[bench]'
+	$(BIN)/python benchmarks/bench_simulate.py
+
+clean:
+	rm -rf $(VENV) $(OUT) .pytest_cache

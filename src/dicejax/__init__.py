@@ -1,0 +1,33 @@
+"""dicejax: decentralized learning simulation and DICE data-influence cascades in JAX.
+
+The curated public API::
+
+    import dicejax as dj
+    topo = dj.topology.exponential(16)
+    traj = dj.simulate(loss_fn, dj.replicate(params, 16), batches, topo)
+"""
+
+from dicejax import influence, mixing, topology
+from dicejax.simulate import (
+    NodeState,
+    Trajectory,
+    init,
+    replicate,
+    simulate,
+)
+from dicejax.topology import Topology
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "NodeState",
+    "Topology",
+    "Trajectory",
+    "__version__",
+    "influence",
+    "init",
+    "mixing",
+    "replicate",
+    "simulate",
+    "topology",
+]

@@ -1,0 +1,468 @@
+"""Decentralized SGD, adapt-then-combine (ATC), for all nodes at once.
+
+All node states are one pytree with a leading node axis ``n``. One step (DESIGN §2.1):
+
+1. local update, ``vmap``-ed over nodes: ``θ_k^{t+½}, s_k^{t+1} = O(θ_k^t, s_k^t, z_k^t)``
+   with any optax optimizer ``O`` whose state ``s_k`` stays local to the node;
+2. gossip: ``θ_k^{t+1} = Σ_j W^t[k, j] θ_j^{t+½}``.
+
+A whole run is one ``lax.scan`` inside one ``jit`` (compiled once per shapes and static
+configuration). Long runs can be fed in chunks (an iterator of batch chunks, or
+``chunk_steps``), with results identical to a single scan.
+
+The jax-md style building blocks are :func:`init` (a :class:`NodeState`), :func:`local_update`
+(one node's adapt step), :func:`step` (one ATC step of every node) and :func:`simulate`
+(a whole run, returning a :class:`Trajectory`).
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import struct
+
+from dicejax import topology as topo_lib
+from dicejax.mixing import Method, Mixer, choose_method, make_mixer
+
+PyTree = Any
+LossFn = Callable[[PyTree, PyTree], jax.Array]
+
+DEFAULT_OPTIMIZER = optax.sgd(0.1)
+
+
+class NodeState(NamedTuple):
+    """State of every node.
+
+    Attributes:
+      params: pytree, leaves ``[n, ...]``: ``θ^t``.
+      opt_state: optimizer state, leaves ``[n, ...]`` (node-local).
+      step: scalar int32, the global step index ``t`` of the next step.
+    """
+
+    params: PyTree
+    opt_state: PyTree
+    step: jax.Array
+
+
+@struct.dataclass
+class Trajectory:
+    """The result of :func:`simulate`.
+
+    Attributes:
+      final_params: pytree, leaves ``[n, ...]``: ``θ^T``.
+      final_opt_state: optimizer state after the last step, leaves ``[n, ...]``.
+      metrics: ``{"loss": [T, n]`` train loss ``L(θ_k^t; z_k^t)`` before each step,
+        ``"consensus": [T]`` mean squared distance of the nodes to their average after each
+        gossip, and, with periodic evaluation, ``"eval": {"step": [E], name: [E, n]}``.
+      params: pytree, leaves ``[T+1, n, ...]``: ``θ^0 .. θ^T`` (``record=True``, else None).
+      half_params: pytree, leaves ``[T, n, ...]``: ``θ^{½} .. θ^{T-½}`` (or None).
+      opt_states: optimizer states at the start of each step and after the last,
+        leaves ``[T+1, n, ...]`` (or None).
+      batches: the training batches, leaves ``[T, n, B, ...]`` (or None).
+      mixer: the gossip operator; ``mixer.matrices`` is ``[P, n, n]``, step ``t`` uses
+        ``matrices[t % P]``.
+      start_step: global index of the first step (non-zero for resumed runs).
+      optimizer: the optax transformation (static).
+    """
+
+    final_params: PyTree
+    final_opt_state: PyTree
+    metrics: dict
+    params: PyTree | None
+    half_params: PyTree | None
+    opt_states: PyTree | None
+    batches: PyTree | None
+    mixer: Mixer
+    start_step: int = struct.field(pytree_node=False, default=0)
+    optimizer: optax.GradientTransformation = struct.field(
+        pytree_node=False, default=DEFAULT_OPTIMIZER
+    )
+
+    @property
+    def num_steps(self) -> int:
+        """``T``, the number of steps run."""
+        return int(self.metrics["loss"].shape[0])
+
+    @property
+    def num_nodes(self) -> int:
+        """``n``."""
+        return int(self.metrics["loss"].shape[1])
+
+    @property
+    def recorded(self) -> bool:
+        return self.params is not None
+
+    def matrix_at(self, t: int) -> jax.Array:
+        """``W^t`` ``[n, n]`` for global step ``t``."""
+        return self.mixer.matrix_at(t)
+
+    def matrices(self, start: int = 0, stop: int | None = None) -> jax.Array:
+        """Per-step matrices ``[stop - start, n, n]`` for global steps ``start..stop-1``."""
+        stop = self.start_step + self.num_steps if stop is None else stop
+        idx = jnp.arange(start, stop) % self.mixer.period
+        return self.mixer.matrices[idx]
+
+
+def replicate(params: PyTree, n: int) -> PyTree:
+    """Stacks ``n`` copies of a single-node pytree: every leaf gets a leading axis ``n``.
+
+    Args:
+      params: pytree of arrays for one node.
+      n: number of nodes (``>= 1``).
+
+    Returns:
+      Pytree with leaves ``[n, ...]``.
+    """
+    if not isinstance(n, int | np.integer) or n < 1:
+        raise ValueError(f"n: must be a positive integer, got {n!r}")
+    return jax.tree.map(lambda x: jnp.broadcast_to(jnp.asarray(x), (n, *jnp.shape(x))) + 0, params)
+
+
+def init(
+    params: PyTree, optimizer: optax.GradientTransformation = DEFAULT_OPTIMIZER, step: int = 0
+) -> NodeState:
+    """Initial state of every node: ``θ^0`` and the node-local optimizer states.
+
+    Args:
+      params: pytree, leaves ``[n, ...]``.
+      optimizer: optax transformation applied by every node.
+      step: global step index of the first step.
+
+    Returns:
+      A :class:`NodeState`.
+    """
+    return NodeState(params, jax.vmap(optimizer.init)(params), jnp.asarray(step, jnp.int32))
+
+
+def local_update(
+    loss_fn: LossFn,
+    optimizer: optax.GradientTransformation,
+    params: PyTree,
+    opt_state: PyTree,
+    batch: PyTree,
+) -> tuple[PyTree, PyTree, jax.Array]:
+    """One node's adapt step: ``θ^{t+½} = θ^t + O(∇L(θ^t; z))``.
+
+    Args:
+      loss_fn: ``loss_fn(params, batch) -> scalar`` for one node.
+      optimizer: optax transformation.
+      params: one node's parameters (no node axis).
+      opt_state: that node's optimizer state.
+      batch: that node's batch, leaves ``[B, ...]``.
+
+    Returns:
+      ``(half_params, new_opt_state, loss)`` with ``loss = L(θ^t; z)``.
+    """
+    loss, grads = jax.value_and_grad(loss_fn)(params, batch)
+    updates, new_opt_state = optimizer.update(grads, opt_state, params)
+    return optax.apply_updates(params, updates), new_opt_state, loss
+
+
+def local_updates(
+    loss_fn: LossFn, optimizer: optax.GradientTransformation, state: NodeState, batch: PyTree
+) -> tuple[PyTree, PyTree, jax.Array]:
+    """:func:`local_update` of every node (``vmap`` over the node axis).
+
+    Returns:
+      ``(half_params [n, ...], new_opt_state [n, ...], loss [n])``.
+    """
+    upd = functools.partial(local_update, loss_fn, optimizer)
+    return jax.vmap(upd)(state.params, state.opt_state, batch)
+
+
+def consensus_distance(params: PyTree) -> jax.Array:
+    """Mean over nodes of ``||θ_k − θ̄||²`` (summed over all leaves); a scalar."""
+
+    def sq(x):
+        d = x - jnp.mean(x, axis=0, keepdims=True)
+        return jnp.sum(d.reshape(d.shape[0], -1) ** 2)
+
+    n = jax.tree.leaves(params)[0].shape[0]
+    return sum(jax.tree.leaves(jax.tree.map(sq, params))) / n
+
+
+def step(
+    loss_fn: LossFn,
+    optimizer: optax.GradientTransformation,
+    mixer: Mixer,
+    state: NodeState,
+    batch: PyTree,
+) -> tuple[NodeState, PyTree, jax.Array]:
+    """One ATC step of every node.
+
+    Args:
+      loss_fn: one node's loss.
+      optimizer: optax transformation.
+      mixer: the gossip operator (step ``state.step`` uses ``W^{state.step}``).
+      state: :class:`NodeState` at ``t``.
+      batch: leaves ``[n, B, ...]``.
+
+    Returns:
+      ``(state at t+1, half_params [n, ...], loss [n])``.
+    """
+    half, opt_state, loss = local_updates(loss_fn, optimizer, state, batch)
+    params = mixer.apply(state.step, half)
+    return NodeState(params, opt_state, state.step + 1), half, loss
+
+
+@functools.partial(
+    jax.jit, static_argnames=("loss_fn", "optimizer", "record", "eval_fn", "eval_every")
+)
+def _run_chunk(
+    state, batches, mixer, eval_batch, *, loss_fn, optimizer, record, eval_fn, eval_every
+):
+    def body(state, batch):
+        new_state, half, loss = step(loss_fn, optimizer, mixer, state, batch)
+        ys = {"loss": loss, "consensus": consensus_distance(new_state.params)}
+        if record:
+            ys["params"] = new_state.params
+            ys["half_params"] = half
+            ys["opt_states"] = new_state.opt_state
+        if eval_every:
+            evaluate = jax.vmap(eval_fn, in_axes=(0, None))
+            shapes = jax.eval_shape(evaluate, new_state.params, eval_batch)
+            ys["eval"] = jax.lax.cond(
+                new_state.step % eval_every == 0,
+                lambda p: evaluate(p, eval_batch),
+                lambda p: jax.tree.map(lambda s: jnp.full(s.shape, jnp.nan, s.dtype), shapes),
+                new_state.params,
+            )
+        return new_state, ys
+
+    return jax.lax.scan(body, state, batches)
+
+
+def _is_tracer(x) -> bool:
+    return isinstance(x, jax.core.Tracer)
+
+
+def _check_params(params: PyTree) -> int:
+    leaves = jax.tree.leaves(params)
+    if not leaves:
+        raise ValueError("params: must be a pytree with at least one array leaf")
+    shapes = [jnp.shape(x) for x in leaves]
+    if any(len(s) == 0 for s in shapes):
+        raise ValueError("params: every leaf needs a leading node axis n; found a scalar leaf")
+    ns = {s[0] for s in shapes}
+    if len(ns) != 1:
+        raise ValueError(f"params: leaves disagree on the leading node axis: {sorted(ns)}")
+    for x in leaves:
+        if not _is_tracer(x) and not bool(np.all(np.isfinite(np.asarray(x)))):
+            raise ValueError("params: contains non-finite values (NaN or Inf)")
+    return ns.pop()
+
+
+def _check_batches(batches: PyTree, n: int, name: str = "batches") -> int:
+    leaves = jax.tree.leaves(batches)
+    if not leaves:
+        raise ValueError(f"{name}: must be a pytree with at least one array leaf")
+    heads = {tuple(jnp.shape(x)[:2]) for x in leaves}
+    if any(len(h) < 2 for h in heads):
+        raise ValueError(f"{name}: every leaf needs leading axes [T, n, ...]")
+    if len(heads) != 1:
+        raise ValueError(f"{name}: leaves disagree on the leading axes [T, n]: {sorted(heads)}")
+    t, m = heads.pop()
+    if m != n:
+        raise ValueError(f"{name}: leading axes are [T={t}, n={m}] but params have n={n} nodes")
+    if t == 0:
+        raise ValueError(f"{name}: T = 0 steps; give at least one step of batches")
+    return t
+
+
+def _mixer_for(topo, n: int, method: Method) -> tuple[Mixer, int | None]:
+    """Builds the mixer; returns it and the exact number of steps a [T, n, n] array fixes."""
+    fixed_steps = None
+    if not isinstance(topo, topo_lib.Topology):
+        topo_lib.validate_mixing(topo, name="topo")
+        fixed_steps = None if jnp.ndim(topo) == 2 else int(jnp.shape(topo)[0])
+        if _is_tracer(topo):  # differentiating w.r.t. W: no concrete support to build lists
+            if method == "sparse":
+                raise ValueError("mixing: 'sparse' needs a concrete matrix, got a traced array")
+            return make_mixer(topo[None] if topo.ndim == 2 else topo), fixed_steps
+        topo = topo_lib.Topology(np.asarray(topo))
+    if topo.n != n:
+        raise ValueError(f"topo: matrix is for {topo.n} nodes but params have n={n} nodes")
+    matrices = jnp.asarray(topo.stacked())
+    indices = topo.neighbors.indices
+    if choose_method(n, indices.shape[1], method) == "dense":
+        return make_mixer(matrices), fixed_steps
+    return make_mixer(matrices, indices), fixed_steps
+
+
+def _chunks(batches, chunk_steps: int | None) -> Iterator[PyTree]:
+    if isinstance(batches, Iterator):
+        yield from batches
+        return
+    if chunk_steps is None:
+        yield batches
+        return
+    total = jax.tree.leaves(batches)[0].shape[0]
+    for start in range(0, total, chunk_steps):
+        yield jax.tree.map(lambda x, s=start: x[s : s + chunk_steps], batches)
+
+
+def _concat(parts: list[PyTree]) -> PyTree:
+    if len(parts) == 1:
+        return parts[0]
+    return jax.tree.map(lambda *xs: jnp.concatenate(xs, axis=0), *parts)
+
+
+def simulate(
+    loss_fn: LossFn,
+    params: PyTree,
+    batches: PyTree | Iterable[PyTree],
+    topo: topo_lib.Topology | jax.Array | np.ndarray,
+    optimizer: optax.GradientTransformation = DEFAULT_OPTIMIZER,
+    record: bool = True,
+    *,
+    eval_batch: PyTree | None = None,
+    eval_fn: Callable[[PyTree, PyTree], dict] | None = None,
+    eval_every: int = 0,
+    mixing: Method = "auto",
+    chunk_steps: int | None = None,
+    initial_state: NodeState | None = None,
+    callback: Callable[[NodeState, int], None] | None = None,
+) -> Trajectory:
+    """Simulates ATC decentralized learning for ``T`` steps.
+
+    Args:
+      loss_fn: ``loss_fn(params, batch) -> scalar`` mean loss for ONE node.
+      params: pytree, every leaf ``[n, ...]`` (:func:`replicate` helps): ``θ^0``.
+      batches: pytree with every leaf ``[T, n, B, ...]``; or an *iterator* (e.g. a generator)
+        of such chunks ``[T_c, n, B, ...]``, run one after the other with results identical
+        to one scan over their concatenation.
+      topo: a :class:`~dicejax.topology.Topology` (static or periodic), an array ``[n, n]``
+        (static) or ``[T, n, n]`` (one matrix per step). Row ``k`` holds the weights node
+        ``k`` receives. Gradients with respect to an array flow through the run.
+      optimizer: any optax transformation; its state is local to each node.
+      record: keep what influence needs: ``θ^t``, ``θ^{t+½}``, optimizer states, batches.
+      eval_batch: a batch pytree ``[M, ...]`` shared by all nodes for periodic evaluation.
+      eval_fn: ``eval_fn(params, batch) -> dict of scalars`` for one node (default: the loss).
+      eval_every: evaluate every this many steps (``θ^t`` for ``t`` a multiple); 0 = never.
+      mixing: gossip kernel, ``"auto"`` (by size and density), ``"dense"`` or ``"sparse"``.
+      chunk_steps: split array ``batches`` into scans of this many steps (same results).
+      initial_state: resume from this :class:`NodeState` instead of ``init(params)``.
+      callback: called on the host after each chunk with ``(state, steps_done)``.
+
+    Returns:
+      A :class:`Trajectory`.
+
+    Raises:
+      ValueError: for a malformed matrix, mismatched leading axes, non-finite parameters.
+    """
+    if initial_state is not None:
+        params = initial_state.params
+    n = _check_params(params)
+    if not isinstance(eval_every, int) or eval_every < 0:
+        raise ValueError(f"eval_every: must be a non-negative integer, got {eval_every!r}")
+    if chunk_steps is not None and (not isinstance(chunk_steps, int) or chunk_steps < 1):
+        raise ValueError(f"chunk_steps: must be a positive integer, got {chunk_steps!r}")
+    if eval_every and eval_batch is None:
+        raise ValueError("eval_batch: required when eval_every > 0")
+    if eval_every and eval_fn is None:
+        eval_fn = _loss_eval(loss_fn)
+    mixer, fixed_steps = _mixer_for(topo, n, mixing)
+    if not isinstance(batches, Iterator):
+        total = _check_batches(batches, n)
+        if fixed_steps is not None and fixed_steps != total:
+            raise ValueError(
+                f"topo: has {fixed_steps} per-step matrices but batches have T={total} steps"
+            )
+    state = initial_state if initial_state is not None else init(params, optimizer)
+    start = int(state.step)
+    outs, kept = [], []
+    done = 0
+    for chunk in _chunks(batches, chunk_steps):
+        t_c = _check_batches(chunk, n)
+        if fixed_steps is not None and start + done + t_c > fixed_steps:
+            raise ValueError(
+                f"topo: has {fixed_steps} per-step matrices but batches run past step {fixed_steps}"
+            )
+        state, ys = _run_chunk(
+            state,
+            chunk,
+            mixer,
+            eval_batch,
+            loss_fn=loss_fn,
+            optimizer=optimizer,
+            record=record,
+            eval_fn=eval_fn,
+            eval_every=eval_every,
+        )
+        outs.append(ys)
+        if record:
+            kept.append(chunk)
+        done += t_c
+        if callback is not None:
+            callback(state, done)
+    if not outs:
+        raise ValueError("batches: the iterator yielded no chunks (T = 0 steps)")
+    ys = _concat(outs)
+    metrics = {"loss": ys["loss"], "consensus": ys["consensus"]}
+    if eval_every:
+        steps = np.arange(start + 1, start + done + 1)
+        sel = np.flatnonzero(steps % eval_every == 0)
+        metrics["eval"] = {"step": jnp.asarray(steps[sel])}
+        metrics["eval"].update(jax.tree.map(lambda x: x[sel], ys["eval"]))
+    if record:
+        s0 = (
+            init(params, optimizer).opt_state
+            if initial_state is None
+            else (initial_state.opt_state)
+        )
+        prepend = functools.partial(jax.tree.map, lambda a, b: jnp.concatenate([a[None], b]))
+        rec = dict(
+            params=prepend(params, ys["params"]),
+            half_params=ys["half_params"],
+            opt_states=prepend(s0, ys["opt_states"]),
+            batches=_concat(kept),
+        )
+    else:
+        rec = dict(params=None, half_params=None, opt_states=None, batches=None)
+    return Trajectory(
+        final_params=state.params,
+        final_opt_state=state.opt_state,
+        metrics=metrics,
+        mixer=mixer,
+        start_step=start,
+        optimizer=optimizer,
+        **rec,
+    )
+
+
+@functools.cache
+def _loss_eval(loss_fn: LossFn) -> Callable[[PyTree, PyTree], dict]:
+    def evaluate(params, batch):
+        return {"loss": loss_fn(params, batch)}
+
+    return evaluate
+
+
+def final_state(traj: Trajectory) -> NodeState:
+    """The :class:`NodeState` after the last step of a trajectory (to resume a run)."""
+    return NodeState(
+        traj.final_params,
+        traj.final_opt_state,
+        jnp.asarray(traj.start_step + traj.num_steps, jnp.int32),
+    )
+
+
+__all__ = [
+    "DEFAULT_OPTIMIZER",
+    "NodeState",
+    "Trajectory",
+    "consensus_distance",
+    "final_state",
+    "init",
+    "local_update",
+    "local_updates",
+    "replicate",
+    "simulate",
+    "step",
+]
