@@ -1,0 +1,110 @@
+"""Proximal influence (Definition 4) and reciprocity (Definition 5).
+
+The proximal influence of in-neighbour ``j`` on node ``k`` at step ``t`` is what ``k`` can
+compute locally::
+
+    P^t[k, j] = q_k W^t[k, j] g_k^{t+1} · v_j^t,     g_k^{t+1} = ∇L(θ_k^{t+1}; z')
+
+(for SGD ``−η q_k W^t[k, j] ∇L(θ_j^t; z_j^t) · ∇L(θ_k^{t+1}; z')``). It is the first hop of the
+DICE-E cascade, ``e_cascade(...).matrix[0]``, computed here with one ``[n, P] × [P, n]``
+product. Negative = ``j``'s update helped ``k``.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from dicejax.influence.rollout import check_query
+from dicejax.simulate import LossFn, Trajectory
+
+PyTree = Any
+
+
+def _flat(tree: PyTree) -> jax.Array:
+    leaves = jax.tree.leaves(tree)
+    return jnp.concatenate([x.reshape(x.shape[0], -1) for x in leaves], axis=1)
+
+
+@functools.partial(jax.jit, static_argnames=("loss_fn",))
+def _proximal(loss_fn, traj, probe, t, q):
+    theta = jax.tree.map(lambda x: x[t], traj.params)
+    half = jax.tree.map(lambda x: x[t], traj.half_params)
+    nxt = jax.tree.map(lambda x: x[t + 1], traj.params)
+    g = jax.vmap(jax.grad(lambda p: loss_fn(p, probe)))(nxt)
+    v = jax.tree.map(jnp.subtract, half, theta)
+    dots = jnp.matmul(_flat(g), _flat(v).T, precision=jax.lax.Precision.HIGHEST)  # [k, j]
+    W = traj.mixer.matrix_at(traj.start_step + t).astype(dots.dtype)
+    return q[:, None] * W * dots
+
+
+def proximal(
+    loss_fn: LossFn,
+    traj: Trajectory,
+    probe: PyTree,
+    step: int,
+    node_weights: jax.Array | None = None,
+) -> jax.Array:
+    """Proximal influence of every in-neighbour on every node at step ``t``.
+
+    Args:
+      loss_fn: one node's loss.
+      traj: recorded trajectory.
+      probe: probe batch ``z'``.
+      step: local step index ``t`` (``t + 1 <= T``).
+      node_weights: ``q`` ``[n]`` (default ``1/n``).
+
+    Returns:
+      ``[n, n]``; ``[k, j]`` is ``q_k W^t[k, j] g_k^{t+1} · v_j`` (zero where ``W^t[k, j] = 0``;
+      the diagonal is a node's effect on itself through its self-weight).
+    """
+    q = check_query(traj, probe, step, 1, node_weights, loss_fn)
+    dtype = jax.tree.leaves(traj.params)[0].dtype
+    return _proximal(loss_fn, traj, probe, jnp.asarray(step), q.astype(dtype))
+
+
+def reciprocity(prox: jax.Array, eps: float = 0.0) -> jax.Array:
+    """Pairwise reciprocity ``R[k, j] = P[k, j] / P[j, k]`` (Definition 5).
+
+    How much ``k`` gains from ``j`` over how much ``j`` gains from ``k``. Entries where
+    either direction is missing (zero) are NaN.
+
+    Args:
+      prox: ``[n, n]`` proximal influence (one step or accumulated over a window).
+      eps: pairs with ``|P[j, k]| <= eps`` are NaN.
+
+    Returns:
+      ``[n, n]``.
+    """
+    prox = jnp.asarray(prox)
+    _check_square(prox)
+    back = prox.T
+    ok = (jnp.abs(back) > eps) & (prox != 0)
+    return jnp.where(ok, prox / jnp.where(ok, back, 1), jnp.nan)
+
+
+def neighbourhood_factor(prox: jax.Array) -> jax.Array:
+    """Out-going over in-coming proximal influence of each node (Definition 5).
+
+    ``F_j = Σ_{k≠j} P[k, j] / Σ_{k≠j} P[j, k]``: above 1, ``j`` gives its neighbourhood more
+    (loss change) than it receives.
+
+    Args:
+      prox: ``[n, n]`` proximal influence.
+
+    Returns:
+      ``[n]`` (NaN where node ``j`` receives nothing).
+    """
+    prox = jnp.asarray(prox)
+    _check_square(prox)
+    off = prox * (1 - jnp.eye(prox.shape[0], dtype=prox.dtype))
+    out, inc = off.sum(axis=0), off.sum(axis=1)
+    return jnp.where(inc != 0, out / jnp.where(inc != 0, inc, 1), jnp.nan)
+
+
+def _check_square(prox) -> None:
+    if prox.ndim != 2 or prox.shape[0] != prox.shape[1]:
+        raise ValueError(f"prox: must be a square [n, n] matrix, got shape {prox.shape}")

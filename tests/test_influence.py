@@ -1,0 +1,198 @@
+"""Influence engine against brute force: counterfactual loops, Hessians, walks, Jacobians."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import dicejax as dj
+import reference as ref
+from conftest import make_problem, random_stochastic
+from dicejax import influence as di
+
+RTOL = 1e-8
+
+
+def _graph(kind, n, steps, rng):
+    if kind == "directed":  # not symmetric, not doubly stochastic, static
+        return random_stochastic(n, rng, density=0.4)
+    if kind == "time_varying":
+        return random_stochastic(n, rng, steps=steps, density=0.35)
+    return dj.topology.ring(n)
+
+
+def _run(kind="directed", opt=None, n=5, steps=6, seed=0, lr=0.3):
+    rng = np.random.default_rng(seed + 7)
+    loss, params, batches, probe = make_problem(n=n, steps=steps, model="tanh", seed=seed)
+    opt = optax.sgd(lr) if opt is None else opt
+    traj = dj.simulate(loss, params, batches, _graph(kind, n, steps, rng), optimizer=opt)
+    q = rng.uniform(0.5, 1.5, size=n)
+    return loss, traj, probe, q / q.sum()
+
+
+@pytest.mark.parametrize("kind", ["directed", "time_varying"])
+@pytest.mark.parametrize("opt_name", ["sgd", "adam"])
+@pytest.mark.parametrize("hops", [1, 3])
+def test_dice_gt_equals_explicit_counterfactual_reruns(kind, opt_name, hops):
+    opt = optax.sgd(0.3) if opt_name == "sgd" else optax.adam(0.05)
+    loss, traj, probe, q = _run(kind, opt)
+    t = 1
+    expect, expect_net = ref.gt_brute(loss, traj, probe, t, hops, q)
+    got = di.dice_gt(loss, traj, probe, step=t, hops=hops, node_weights=q)
+    np.testing.assert_allclose(got, expect, rtol=RTOL, atol=1e-14)
+    net = di.dice_gt_network(loss, traj, probe, step=t, horizon=hops, node_weights=q)
+    np.testing.assert_allclose(net, expect_net, rtol=RTOL, atol=1e-14)
+    # bounded-memory path gives the same numbers
+    batched = di.dice_gt(loss, traj, probe, step=t, hops=hops, node_weights=q, batch_size=2)
+    np.testing.assert_allclose(batched, got, rtol=1e-12, atol=1e-15)
+
+
+@pytest.mark.parametrize("kind", ["directed", "time_varying", "ring"])
+@pytest.mark.parametrize("order,direct", [(1, "taylor"), (2, "taylor"), (1, "exact"), (2, "exact")])
+def test_dice_e_sgd_equals_theorem1_walk_enumeration(kind, order, direct):
+    loss, traj, probe, q = _run(kind, optax.sgd(0.3), n=4)
+    t, hops = 1, 3
+    expect = ref.e_brute_sgd_walks(
+        loss, traj, probe, t, hops, q, lr=0.3, order=order, direct=direct
+    )
+    got = di.dice_e(
+        loss, traj, probe, step=t, hops=hops, node_weights=q, order=order, direct=direct
+    )
+    np.testing.assert_allclose(got, expect, rtol=RTOL, atol=1e-14)
+
+
+@pytest.mark.parametrize("opt_name", ["adam", "momentum"])
+def test_e_cascade_matrix_equals_dense_jacobian_products(opt_name):
+    opt = optax.adam(0.05) if opt_name == "adam" else optax.sgd(0.1, momentum=0.9)
+    loss, traj, probe, q = _run("time_varying", opt, n=4, steps=6)
+    t, hops = 2, 3
+    expect = ref.e_brute_jacobians(loss, traj, probe, t, hops, q)
+    cas = di.e_cascade(loss, traj, probe, step=t, hops=hops, node_weights=q)
+    np.testing.assert_allclose(cas.matrix, expect, rtol=RTOL, atol=1e-14)
+    # the adjoint (one reverse sweep) equals the forward cascade's network reading
+    for h in (1, 2, 3):
+        adj = di.dice_e_network(loss, traj, probe, step=t, horizon=h, node_weights=q)
+        np.testing.assert_allclose(adj, expect[h - 1].sum(axis=0), rtol=RTOL, atol=1e-14)
+
+
+def test_paper_proposition1_one_hop_sgd():
+    """r = 1, SGD: −η [q_j g_j^t·∇L(θ_j^t; z_j^t) + Σ_{k∈S1} q_k W[k,j] g_k^{t+1}·∇L(θ_j^t; z_j^t)]."""
+    lr = 0.3
+    loss, traj, probe, q = _run("directed", optax.sgd(lr))
+    t, n = 2, traj.num_nodes
+    W = np.asarray(traj.matrix_at(t))
+    expect = []
+    for j in range(n):
+        theta_j = ref.node(traj.params, t, j)
+        gtrain = jax.grad(loss)(theta_j, ref.node(traj.batches, t, j))
+        dot = lambda a, b: float(
+            sum(
+                jnp.vdot(x, y)
+                for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b))  # noqa: E731
+            )
+        )
+        val = q[j] * dot(jax.grad(loss)(theta_j, probe), gtrain)
+        for k in range(n):
+            if k != j and W[k, j] > 0:
+                gk = jax.grad(loss)(ref.node(traj.params, t + 1, k), probe)
+                val += q[k] * W[k, j] * dot(gk, gtrain)
+        expect.append(-lr * val)
+    got = di.dice_e(loss, traj, probe, step=t, hops=1, node_weights=q)
+    np.testing.assert_allclose(got, expect, rtol=RTOL)
+
+
+def test_proximal_equals_explicit_formula_and_first_hop():
+    loss, traj, probe, q = _run("time_varying", optax.adam(0.05))
+    for t in (0, 3):
+        expect = ref.proximal_brute(loss, traj, probe, t, q)
+        got = di.proximal(loss, traj, probe, step=t, node_weights=q)
+        np.testing.assert_allclose(got, expect, rtol=RTOL, atol=1e-15)
+        first_hop = di.e_cascade(loss, traj, probe, step=t, hops=1, node_weights=q).matrix[0]
+        np.testing.assert_allclose(got, first_hop, rtol=1e-9, atol=1e-15)
+
+
+def test_shells_match_bfs(rng):
+    mats = random_stochastic(7, rng, steps=4, density=0.25)
+    got = np.asarray(di.shells(jnp.asarray(mats)))
+    expect = ref.shells_bfs(mats)
+    for s in range(4):
+        for j in range(7):
+            assert set(np.flatnonzero(got[s, :, j])) == expect[s][j]
+            assert not got[s, j, j]
+
+
+def test_estimate_converges_to_ground_truth_for_small_steps():
+    """DICE-E is the first-order expansion of DICE-GT: error shrinks faster than the score."""
+    errors = []
+    for lr in (0.1, 0.01):
+        loss, traj, probe, q = _run("directed", optax.sgd(lr), n=5, steps=5)
+        gt = np.asarray(di.dice_gt(loss, traj, probe, step=1, hops=2))
+        e1 = np.asarray(di.dice_e(loss, traj, probe, step=1, hops=2))
+        e2 = np.asarray(di.dice_e(loss, traj, probe, step=1, hops=2, order=2))
+        errors.append(
+            (np.abs(e1 - gt).max() / np.abs(gt).max(), np.abs(e2 - gt).max() / np.abs(gt).max())
+        )
+    assert errors[1][0] < errors[0][0] / 5  # relative error of first order falls with lr
+    assert errors[1][1] < errors[1][0]  # second order beats first order
+
+
+def test_reciprocity_and_neighbourhood_factor():
+    P = jnp.array([[0.0, -2.0, 0.0], [-1.0, 0.0, -3.0], [0.0, -1.5, 0.0]])
+    R = di.reciprocity(P)
+    assert float(R[0, 1]) == pytest.approx(2.0) and float(R[1, 0]) == pytest.approx(0.5)
+    assert np.isnan(R[0, 2])
+    F = di.neighbourhood_factor(P)
+    # node 1 gives (-2) + (-1.5) = -3.5, receives (-1) + (-3) = -4
+    assert float(F[1]) == pytest.approx(3.5 / 4)
+    with pytest.raises(ValueError, match="prox"):
+        di.reciprocity(jnp.ones((2, 3)))
+
+
+def test_influence_bad_inputs():
+    loss, traj, probe, q = _run("directed", n=4, steps=4)
+    with pytest.raises(ValueError, match="step"):
+        di.dice_gt(loss, traj, probe, step=4)
+    with pytest.raises(ValueError, match="step"):
+        di.dice_e(loss, traj, probe, step=-1)
+    with pytest.raises(ValueError, match="hops"):
+        di.dice_e(loss, traj, probe, step=2, hops=3)
+    with pytest.raises(ValueError, match="hops"):
+        di.dice_gt(loss, traj, probe, step=0, hops=0)
+    with pytest.raises(ValueError, match="node_weights"):
+        di.dice_e(loss, traj, probe, step=0, node_weights=np.ones(3) / 3)
+    with pytest.raises(ValueError, match="node_weights"):
+        di.proximal(loss, traj, probe, step=0, node_weights=-np.ones(4))
+    with pytest.raises(ValueError, match="probe"):
+        di.dice_e(loss, traj, {"x": probe["x"][:, :2], "y": probe["y"]}, step=0)
+    with pytest.raises(ValueError, match="order"):
+        di.dice_e(loss, traj, probe, step=0, order=3)
+    lean = dj.simulate(
+        loss, ref.node(traj.params, 0), traj.batches, traj.matrix_at(0), record=False
+    )
+    with pytest.raises(ValueError, match="record"):
+        di.dice_gt(loss, lean, probe, step=0)
+    bad = traj.replace(params=jax.tree.map(lambda x: x.at[2].set(jnp.nan), traj.params))
+    with pytest.raises(ValueError, match="non-finite"):
+        di.dice_e(loss, bad, probe, step=1, hops=1)
+
+
+def test_influence_works_in_float32():
+    with jax.enable_x64(False):
+        loss, params, batches, probe = make_problem(n=4, steps=3, model="tanh")
+
+        def cast(tree):
+            return jax.tree.map(
+                lambda x: x.astype(
+                    jnp.float32 if jnp.issubdtype(x.dtype, jnp.floating) else jnp.int32
+                ),
+                tree,
+            )
+
+        traj = dj.simulate(loss, cast(params), cast(batches), dj.topology.ring(4))
+        e = di.dice_e(loss, traj, cast(probe), step=0, hops=2)
+        gt = di.dice_gt(loss, traj, cast(probe), step=0, hops=2)
+        assert e.dtype == jnp.float32 and np.all(np.isfinite(e))
+        assert np.corrcoef(e, gt)[0, 1] > 0.9
