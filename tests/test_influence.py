@@ -79,7 +79,10 @@ def test_e_cascade_matrix_equals_dense_jacobian_products(opt_name):
 
 
 def test_paper_proposition1_one_hop_sgd():
-    """r = 1, SGD: −η [q_j g_j^t·∇L(θ_j^t; z_j^t) + Σ_{k∈S1} q_k W[k,j] g_k^{t+1}·∇L(θ_j^t; z_j^t)]."""
+    """r = 1, SGD (Proposition 1).
+
+    −η [q_j g_j^t·∇L(θ_j^t; z_j^t) + Σ_{k∈S1} q_k W[k,j] g_k^{t+1}·∇L(θ_j^t; z_j^t)].
+    """
     lr = 0.3
     loss, traj, probe, q = _run("directed", optax.sgd(lr))
     t, n = 2, traj.num_nodes
@@ -88,12 +91,12 @@ def test_paper_proposition1_one_hop_sgd():
     for j in range(n):
         theta_j = ref.node(traj.params, t, j)
         gtrain = jax.grad(loss)(theta_j, ref.node(traj.batches, t, j))
-        dot = lambda a, b: float(
-            sum(
-                jnp.vdot(x, y)
-                for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b))  # noqa: E731
+
+        def dot(a, b):
+            return float(
+                sum(jnp.vdot(x, y) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
             )
-        )
+
         val = q[j] * dot(jax.grad(loss)(theta_j, probe), gtrain)
         for k in range(n):
             if k != j and W[k, j] > 0:
@@ -128,7 +131,7 @@ def test_estimate_converges_to_ground_truth_for_small_steps():
     """DICE-E is the first-order expansion of DICE-GT: error shrinks faster than the score."""
     errors = []
     for lr in (0.1, 0.01):
-        loss, traj, probe, q = _run("directed", optax.sgd(lr), n=5, steps=5)
+        loss, traj, probe, _q = _run("directed", optax.sgd(lr), n=5, steps=5)
         gt = np.asarray(di.dice_gt(loss, traj, probe, step=1, hops=2))
         e1 = np.asarray(di.dice_e(loss, traj, probe, step=1, hops=2))
         e2 = np.asarray(di.dice_e(loss, traj, probe, step=1, hops=2, order=2))
@@ -152,7 +155,7 @@ def test_reciprocity_and_neighbourhood_factor():
 
 
 def test_influence_bad_inputs():
-    loss, traj, probe, q = _run("directed", n=4, steps=4)
+    loss, traj, probe, _q = _run("directed", n=4, steps=4)
     with pytest.raises(ValueError, match="step"):
         di.dice_gt(loss, traj, probe, step=4)
     with pytest.raises(ValueError, match="step"):
