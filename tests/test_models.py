@@ -1,0 +1,270 @@
+"""Tests for dicejax.models: shapes, parameter counts, losses, stacking, dtypes, FLOP counts."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from dicejax import models
+
+SHAPES = [(8, 8, 1), (28, 28, 1), (32, 32, 3)]
+MODEL_SPECS = [("mlp", {}), ("cnn", {}), ("resnet18", {"width": 8})]
+
+
+def _model(name: str, num_classes: int = 10):
+    kwargs = dict(MODEL_SPECS)[name]
+    return models.get_model(name, num_classes, **kwargs)
+
+
+def _batch(seed, shape, batch_size=4, num_classes=10, lead=()):
+    # NumPy draws: eager jax.random on 4-D shapes compiles slowly on XLA:CPU.
+    rng = np.random.default_rng(seed)
+    return {
+        "x": jnp.asarray(rng.normal(size=(*lead, batch_size, *shape)), jnp.float32),
+        "y": jnp.asarray(rng.integers(0, num_classes, size=(*lead, batch_size)), jnp.int32),
+    }
+
+
+@pytest.mark.parametrize("name", [n for n, _ in MODEL_SPECS])
+@pytest.mark.parametrize("shape", SHAPES)
+def test_output_shapes(name, shape):
+    # Abstract evaluation checks every (model, shape) pair without compiling anything; the
+    # loss, gradient and stacking tests run each model for real on 8x8x1 inputs.
+    model = _model(name, num_classes=7)
+    x = jnp.ones((3, *shape))
+    params = jax.eval_shape(lambda k: models.init_params(model, k, shape), jax.random.key(0))
+    assert jax.eval_shape(model.apply, {"params": params}, x).shape == (3, 7)
+
+
+def test_model_classes_and_defaults():
+    assert isinstance(models.get_model("MLP", 10), models.MLP)
+    assert isinstance(models.get_model("cnn", 10), models.CNN)
+    resnet = models.get_model("resnet18", 100)
+    assert isinstance(resnet, models.ResNet18) and resnet.width == 64
+    assert models.MLP().hidden == (128, 64)
+    assert models.get_model("mlp", 10, hidden=[32]).hidden == (32,)
+
+
+def test_mlp_param_count_matches_formula():
+    d, h1, h2, c = 28 * 28, 128, 64, 10
+    params = jax.eval_shape(
+        lambda k: models.init_params(models.MLP(), k, (28, 28, 1)), jax.random.key(1)
+    )
+    expected = d * h1 + h1 + h1 * h2 + h2 + h2 * c + c
+    assert models.num_params(params) == expected == 109_386
+    concrete = models.init_params(
+        models.MLP(hidden=(4,), num_classes=3), jax.random.key(1), (2, 2, 1)
+    )
+    assert models.num_params(concrete) == 4 * 4 + 4 + 4 * 3 + 3
+    assert models.num_params(models.replicate(concrete, 3)) == 3 * (4 * 4 + 4 + 4 * 3 + 3)
+
+
+def test_cnn_param_count_matches_formula():
+    params = jax.eval_shape(
+        lambda k: models.init_params(models.CNN(), k, (28, 28, 1)), jax.random.key(1)
+    )
+    expected = (9 * 1 * 32 + 32) + (9 * 32 * 64 + 64) + (7 * 7 * 64 * 128 + 128) + (128 * 10 + 10)
+    assert models.num_params(params) == expected
+
+
+def test_resnet_uses_groupnorm_no_batch_stats():
+    model = _model("resnet18")
+    variables = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 8, 8, 3)))
+    assert set(variables) == {"params"}
+    assert any("GroupNorm" in k for k in variables["params"])
+
+
+@pytest.mark.parametrize("name", [n for n, _ in MODEL_SPECS])
+def test_loss_matches_hand_cross_entropy(name):
+    model = _model(name)
+    params = models.init_params(model, jax.random.key(2), (8, 8, 1))
+    batch = _batch(3, (8, 8, 1), batch_size=5)
+
+    @jax.jit  # one compilation for all four functions (eager ResNet ops compile one by one)
+    def run(params, batch):
+        logits = model.apply({"params": params}, batch["x"])
+        return (
+            logits,
+            models.make_loss_fn(model)(params, batch),
+            models.make_accuracy_fn(model)(params, batch),
+            models.make_eval_fn(model)(params, batch),
+        )
+
+    logits, loss, acc, ev = run(params, batch)
+    logits = np.asarray(logits, np.float64)
+    y = np.asarray(batch["y"])
+    shifted = logits - logits.max(axis=1, keepdims=True)
+    log_probs = shifted - np.log(np.exp(shifted).sum(axis=1, keepdims=True))
+    expected = -log_probs[np.arange(len(y)), y].mean()
+    assert loss.shape == () and acc.shape == ()
+    np.testing.assert_allclose(float(loss), expected, rtol=1e-5)
+    assert 0.0 <= float(acc) <= 1.0
+    np.testing.assert_allclose(float(acc), np.mean(logits.argmax(axis=1) == y), atol=1e-6)
+    assert set(ev) == {"loss", "accuracy"}
+    np.testing.assert_allclose(float(ev["loss"]), float(loss), rtol=1e-6)
+    np.testing.assert_allclose(float(ev["accuracy"]), float(acc), atol=1e-7)
+
+
+def test_accuracy_exact_on_constructed_case():
+    # MLP with no hidden layer on a 1x1x3 "image": logits = x @ W + b; with W = I, b = 0 the
+    # prediction is the arg-max of the input.
+    model = models.MLP(hidden=(), num_classes=3)
+    params = {"Dense_0": {"kernel": jnp.eye(3), "bias": jnp.zeros(3)}}
+    x = jnp.array([[5.0, 0, 0], [0, 5, 0], [0, 0, 5], [5, 0, 0]]).reshape(4, 1, 1, 3)
+    batch = {"x": x, "y": jnp.array([0, 1, 0, 2])}  # first two right, last two wrong
+    assert float(models.make_accuracy_fn(model)(params, batch)) == 0.5
+    batch_right = {"x": x, "y": jnp.array([0, 1, 2, 0])}
+    assert float(models.make_accuracy_fn(model)(params, batch_right)) == 1.0
+    # Cross-entropy of logits (5, 0, 0) for the right class: log(1 + 2 e^-5).
+    expected = np.log1p(2 * np.exp(-5.0))
+    np.testing.assert_allclose(
+        float(models.make_loss_fn(model)(params, batch_right)), expected, rtol=1e-5
+    )
+
+
+@pytest.mark.parametrize("name", [n for n, _ in MODEL_SPECS])
+def test_init_params_stacking(name):
+    model = _model(name)
+    shape = (8, 8, 1)
+    single = models.init_params(model, jax.random.key(4), shape)
+    same = models.init_params(model, jax.random.key(4), shape, num_nodes=3)
+    indep = models.init_params(model, jax.random.key(4), shape, num_nodes=3, same_init=False)
+    assert jax.tree.structure(same) == jax.tree.structure(single)
+    assert jax.tree.structure(indep) == jax.tree.structure(single)
+    for s, p, q in zip(jax.tree.leaves(single), jax.tree.leaves(same), jax.tree.leaves(indep)):
+        assert p.shape == q.shape == (3, *s.shape)
+        for k in range(3):
+            np.testing.assert_array_equal(p[k], s)
+    kernels = [
+        leaf
+        for path, leaf in jax.tree_util.tree_leaves_with_path(indep)
+        if "kernel" in jax.tree_util.keystr(path)
+    ]
+    assert kernels
+    for leaf in kernels:
+        assert not np.allclose(leaf[0], leaf[1])
+        assert not np.allclose(leaf[1], leaf[2])
+
+
+def test_replicate():
+    tree = {"a": jnp.arange(3.0), "b": (jnp.ones((2, 2)), 4.0)}
+    rep = models.replicate(tree, 5)
+    assert rep["a"].shape == (5, 3)
+    assert rep["b"][0].shape == (5, 2, 2)
+    assert rep["b"][1].shape == (5,)
+    np.testing.assert_array_equal(rep["a"][4], tree["a"])
+    with pytest.raises(ValueError, match="n"):
+        models.replicate(tree, 0)
+
+
+def test_float64_under_x64():
+    with jax.enable_x64(True):
+        model = models.MLP(hidden=(16,))
+        params = models.init_params(model, jax.random.key(5), (8, 8, 1), dtype=jnp.float64)
+        stacked = models.init_params(
+            model, jax.random.key(5), (8, 8, 1), num_nodes=2, dtype=jnp.float64
+        )
+        for leaf in jax.tree.leaves(params) + jax.tree.leaves(stacked):
+            assert leaf.dtype == jnp.float64
+        batch = _batch(6, (8, 8, 1))
+        batch["x"] = batch["x"].astype(jnp.float64)
+        loss, grads = jax.jit(jax.value_and_grad(models.make_loss_fn(model)))(params, batch)
+        assert loss.dtype == jnp.float64
+        assert all(g.dtype == jnp.float64 for g in jax.tree.leaves(grads))
+
+
+def test_float64_without_x64_is_an_error():
+    if jax.config.jax_enable_x64:
+        pytest.skip("x64 enabled globally")
+    with pytest.raises(ValueError, match="dtype"):
+        models.init_params(models.MLP(), jax.random.key(0), (8, 8, 1), dtype=jnp.float64)
+
+
+@pytest.mark.parametrize("name", [n for n, _ in MODEL_SPECS])
+def test_grads_finite_and_jit(name):
+    model = _model(name)
+    params = models.init_params(model, jax.random.key(7), (8, 8, 1))
+    batch = _batch(8, (8, 8, 1))
+    loss, grads = jax.jit(jax.value_and_grad(models.make_loss_fn(model)))(params, batch)
+    assert np.isfinite(float(loss))
+    assert jax.tree.structure(grads) == jax.tree.structure(params)
+    for g in jax.tree.leaves(grads):
+        assert bool(jnp.all(jnp.isfinite(g)))
+    assert any(float(jnp.abs(g).max()) > 0 for g in jax.tree.leaves(grads))
+
+
+def test_vmap_over_stacked_nodes():
+    model = models.MLP(hidden=(16,))
+    params = models.init_params(model, jax.random.key(9), (8, 8, 1), num_nodes=4, same_init=False)
+    batches = _batch(10, (8, 8, 1), lead=(4,))
+    losses = jax.jit(jax.vmap(models.make_loss_fn(model)))(params, batches)
+    assert losses.shape == (4,)
+    one = models.make_loss_fn(model)(
+        jax.tree.map(lambda p: p[2], params), jax.tree.map(lambda b: b[2], batches)
+    )
+    np.testing.assert_allclose(float(losses[2]), float(one), rtol=1e-5)
+
+
+def test_functions_are_cached():
+    model = _model("cnn")
+    assert models.make_loss_fn(model) is models.make_loss_fn(model)
+    assert models.make_loss_fn(model) is models.make_loss_fn(models.CNN(num_classes=10))
+    assert models.make_accuracy_fn(model) is models.make_accuracy_fn(model)
+    assert models.make_eval_fn(model) is models.make_eval_fn(model)
+    assert models.make_loss_fn(model) is not models.make_loss_fn(models.CNN(num_classes=5))
+    # Unhashable module (list field): still works, just not cached.
+    unhashable = models.MLP(hidden=[8])
+    params = models.init_params(unhashable, jax.random.key(0), (8, 8, 1))
+    loss = models.make_loss_fn(unhashable)(params, _batch(1, (8, 8, 1)))
+    assert np.isfinite(float(loss))
+
+
+def test_flops_mlp_hand_count():
+    expected = 2 * (784 * 128 + 128 * 64 + 64 * 10)
+    assert models.flops_per_example(models.MLP(), (28, 28, 1)) == expected
+
+
+def test_flops_cnn_hand_count():
+    # 28x28x1 input, SAME 3x3 convs, 2x2 pools: 28 -> 14 -> 7.
+    conv1 = 28 * 28 * 32 * (3 * 3 * 1)
+    conv2 = 14 * 14 * 64 * (3 * 3 * 32)
+    fc1 = (7 * 7 * 64) * 128
+    fc2 = 128 * 10
+    expected = 2 * (conv1 + conv2 + fc1 + fc2)
+    assert expected == 8_482_304
+    assert models.flops_per_example(models.CNN(), (28, 28, 1)) == expected
+    # 32x32x3: 32 -> 16 -> 8.
+    expected32 = 2 * (32 * 32 * 32 * 27 + 16 * 16 * 64 * 288 + 8 * 8 * 64 * 128 + 128 * 10)
+    assert models.flops_per_example(models.CNN(), (32, 32, 3)) == expected32
+
+
+def test_flops_resnet18_standard_size():
+    # The CIFAR ResNet-18 is ~0.56 GMACs per 32x32x3 image.
+    flops = models.flops_per_example(models.ResNet18(), (32, 32, 3))
+    assert 1.0e9 < flops < 1.2e9
+
+
+def test_validation_errors():
+    with pytest.raises(ValueError, match="name"):
+        models.get_model("vgg", 10)
+    with pytest.raises(ValueError, match="num_classes"):
+        models.get_model("mlp", 0)
+    with pytest.raises(ValueError, match="width"):
+        models.get_model("resnet18", 10, width=0)
+    with pytest.raises(ValueError, match="unknown keyword"):
+        models.get_model("cnn", 10, width=8)
+    with pytest.raises(ValueError, match="input_shape"):
+        models.init_params(models.MLP(), jax.random.key(0), (28, 28))
+    with pytest.raises(ValueError, match="num_nodes"):
+        models.init_params(models.MLP(), jax.random.key(0), (8, 8, 1), num_nodes=0)
+    with pytest.raises(ValueError, match="dtype"):
+        models.init_params(models.MLP(), jax.random.key(0), (8, 8, 1), dtype=jnp.int32)
+    with pytest.raises(ValueError, match="model"):
+        models.make_loss_fn("mlp")
+    with pytest.raises(ValueError, match="input_shape"):
+        models.flops_per_example(models.CNN(), (28, 28, 0))
+    with pytest.raises(ValueError, match="batch"):
+        params = models.init_params(models.MLP(), jax.random.key(0), (8, 8, 1))
+        models.make_loss_fn(models.MLP())(params, {"x": jnp.zeros((2, 8, 8, 1))})
