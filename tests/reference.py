@@ -119,10 +119,13 @@ def gt_brute(loss_fn, traj, probe, t, hops, q):
     return np.array(scores), np.array(network)
 
 
-def e_brute_sgd_walks(loss_fn, traj, probe, t, hops, q, lr, order=1, direct="taylor"):
+def e_brute_sgd_walks(loss_fn, traj, probe, t, hops, q, lr, order=1, direct="taylor",
+                      updates=None):
     """DICE-E^(r) for plain SGD by Theorem 1: explicit walk enumeration and dense Hessians.
 
     δ_k^{t+s}(j) = Σ_walks W^t[k1, j] Π_{m=1}^{s-1} W^{t+m}[k_{m+1}, k_m] (I − η H_{k_m}^{t+m}) v_j
+
+    ``updates``: optional {j: pytree} replacing the source's update v_j (e.g. one sample's).
     """
     n = traj.num_nodes
     mats = np.asarray(traj.matrices(t, t + hops))
@@ -151,6 +154,8 @@ def e_brute_sgd_walks(loss_fn, traj, probe, t, hops, q, lr, order=1, direct="tay
     scores = []
     for j in range(n):
         v = flat(node(traj.half_params, t, j)) - flat(node(traj.params, t, j))
+        if updates is not None:
+            v = flat(updates[j])
         g0, h0 = probe_grad_hess(t, j)
         if direct == "exact":
             own = float(

@@ -13,11 +13,13 @@ from dicejax.influence.cascade import (
     e_cascade,
     gt_cascade,
 )
+from dicejax.influence.ledger import Ledger, ledger, per_sample, trajectory_attribution
 from dicejax.influence.proximal import neighbourhood_factor, proximal, reciprocity
 from dicejax.influence.rollout import gate, rollout, shells
 
 __all__ = [
     "Cascade",
+    "Ledger",
     "dice_e",
     "dice_e_network",
     "dice_gt",
@@ -25,9 +27,12 @@ __all__ = [
     "e_cascade",
     "gate",
     "gt_cascade",
+    "ledger",
     "neighbourhood_factor",
+    "per_sample",
     "proximal",
     "reciprocity",
     "rollout",
     "shells",
+    "trajectory_attribution",
 ]

@@ -1,0 +1,235 @@
+"""Influence over whole runs and within batches.
+
+* :func:`ledger` — DICE-E of every node at every step (or a stride of steps) in one jitted
+  pass, accumulated per node, plus the accumulated proximal-influence matrix.
+* :func:`trajectory_attribution` — the exact linearised effect of every (node, step) local
+  update on the final probe objective ``Σ_k q_k L(θ_k^T; z')``, from ONE reverse pass through
+  the whole re-run (``lax.scan`` with ``jax.checkpoint``, so memory stays bounded).
+* :func:`per_sample` — the first-order DICE-E score of each sample in a source's batch.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from dicejax.influence.cascade import _e_cascade, _float_dtype, _matrices
+from dicejax.influence.proximal import _proximal
+from dicejax.influence.rollout import (
+    batches_at,
+    check_query,
+    gated_step,
+    node_losses,
+    rollout,
+    shells,
+    state_at,
+)
+from dicejax.simulate import LossFn, NodeState, Trajectory
+
+PyTree = Any
+
+
+class Ledger(NamedTuple):
+    """Influence accumulated over a run.
+
+    Attributes:
+      steps: ``[S]`` the scored steps.
+      scores: ``[S, n]`` DICE-E^(r) of every node at each scored step (negative = helpful).
+      network: ``[S, n]`` network-level first-order influence at horizon ``r`` (adjoint).
+      proximal: ``[n, n]`` proximal influence ``P^t[k, j]`` summed over the scored steps.
+    """
+
+    steps: jax.Array
+    scores: jax.Array
+    network: jax.Array
+    proximal: jax.Array
+
+    @property
+    def total(self) -> jax.Array:
+        """``[n]``: each node's summed DICE-E score over the scored steps."""
+        return jnp.sum(self.scores, axis=0)
+
+    @property
+    def network_total(self) -> jax.Array:
+        """``[n]``: each node's summed network-level influence over the scored steps."""
+        return jnp.sum(self.network, axis=0)
+
+
+@functools.partial(jax.jit, static_argnames=("loss_fn", "hops", "batch_size"))
+def _ledger(loss_fn, traj, probe, steps, q, *, hops, batch_size):
+    ones = jnp.ones(q.shape, q.dtype)
+
+    def one(t):
+        cas = _e_cascade(loss_fn, traj, probe, t, q, hops=hops, order=1, direct="taylor",
+                         batch_size=batch_size)
+
+        def objective(alpha):
+            last = jax.tree.map(lambda x: x[-1], rollout(loss_fn, traj, t, hops, alpha))
+            return jnp.dot(q, node_losses(loss_fn, last, probe))
+
+        net = jax.grad(objective)(ones)
+        return cas.total, net, _proximal(loss_fn, traj, probe, t, q)
+
+    scores, network, prox = jax.lax.map(one, steps)
+    return Ledger(steps, scores, network, jnp.sum(prox, axis=0))
+
+
+def ledger(loss_fn: LossFn, traj: Trajectory, probe: PyTree, hops: int = 1, stride: int = 1,
+           node_weights: jax.Array | None = None, *, start: int = 0,
+           batch_size: int | None = None) -> Ledger:
+    """DICE-E of every node at every ``stride``-th step, in one jitted pass.
+
+    Args:
+      loss_fn: one node's loss.
+      traj: recorded trajectory.
+      probe: probe batch ``z'``.
+      hops: ``r`` for the per-step scores and the network horizon.
+      stride: score steps ``start, start + stride, ...`` up to ``T − r``.
+      node_weights: ``q`` (default ``1/n``).
+      start: first scored step.
+      batch_size: sources per forward cascade batch (bounds memory).
+
+    Returns:
+      A :class:`Ledger`.
+    """
+    q = check_query(traj, probe, start, hops, node_weights, loss_fn)
+    if not isinstance(stride, int | np.integer) or stride < 1:
+        raise ValueError(f"stride: must be a positive integer, got {stride!r}")
+    steps = jnp.arange(start, traj.num_steps - hops + 1, stride)
+    return _ledger(loss_fn, traj, probe, steps, q.astype(_float_dtype(traj)), hops=hops,
+                   batch_size=batch_size)
+
+
+@functools.partial(jax.jit, static_argnames=("loss_fn", "remat"))
+def _attribution(loss_fn, traj, probe, q, *, remat):
+    T, n = traj.num_steps, traj.num_nodes
+    state0 = state_at(traj, 0)
+
+    def body(state, xs):
+        batch, alpha = xs
+        state, _ = gated_step(loss_fn, traj, state, batch, alpha)
+        return state, None
+
+    if remat:
+        body = jax.checkpoint(body)
+
+    def objective(alphas):
+        final, _ = jax.lax.scan(body, state0, (traj.batches, alphas))
+        return jnp.dot(q, node_losses(loss_fn, final.params, probe))
+
+    return jax.grad(objective)(jnp.ones((T, n), q.dtype))
+
+
+def trajectory_attribution(loss_fn: LossFn, traj: Trajectory, probe: PyTree,
+                           node_weights: jax.Array | None = None, *,
+                           remat: bool = True) -> jax.Array:
+    """Linearised influence of every (step, node) update on the final probe objective.
+
+    ``A[t, j] = d/dα_j^t Σ_k q_k L(θ_k^T; z')`` at ``α = 1``, where ``α_j^t`` gates node ``j``'s
+    local update at step ``t``: the first-order estimate of how much the final objective
+    would rise had ``z_j^t`` been removed, negated (negative = helpful). It equals
+    ``dice_e_network(step=t, horizon=T − t)`` for every ``t`` — all of them from a single
+    reverse pass through the re-run, with the scan body rematerialised (``remat=True``) so
+    memory is ``O(T · n · P)`` for the inputs only, not the activations.
+
+    Args:
+      loss_fn: one node's loss.
+      traj: recorded trajectory (its batches, ``θ^0`` and optimizer state are re-run).
+      probe: probe batch ``z'``.
+      node_weights: ``q`` (default ``1/n``).
+      remat: rematerialise the step in the backward pass.
+
+    Returns:
+      ``[T, n]``.
+    """
+    q = check_query(traj, probe, 0, traj.num_steps, node_weights, loss_fn)
+    return _attribution(loss_fn, traj, probe, q.astype(_float_dtype(traj)), remat=remat)
+
+
+@functools.partial(jax.jit, static_argnames=("loss_fn", "hops"))
+def _per_sample(loss_fn, traj, probe, t, q, *, hops):
+    n = q.shape[0]
+    state = state_at(traj, t)
+    batch = jax.tree.map(lambda x: x[0], batches_at(traj, t, 1))  # [n, B, ...]
+    half = jax.tree.map(lambda x: x[t], traj.half_params)
+    opt_next = jax.tree.map(lambda x: x[t + 1], traj.opt_states)
+    later = batches_at(traj, t + 1, hops - 1) if hops > 1 else None
+    mask = shells(_matrices(traj, t, hops))  # [r, k, j]
+
+    def forward(h, s):
+        """Gossip of gated halves at t, then r − 1 plain steps: probe losses [r, n]."""
+        st = NodeState(traj.mixer.apply(state.step, h), s, state.step + 1)
+        outs = [st.params]
+        for u in range(hops - 1):
+            st, _ = gated_step(loss_fn, traj, st, jax.tree.map(lambda x, u=u: x[u], later),
+                               None)
+            outs.append(st.params)
+        params = jax.tree.map(lambda *xs: jnp.stack(xs), *outs)
+        return node_losses(loss_fn, params, probe, lead=2)
+
+    _, vjp = jax.vjp(forward, half, opt_next)
+
+    def sensitivity(j):  # cotangents of (half, opt state) for source j, restricted to shells
+        ct = jnp.where(mask[:, :, j], q[None, :], 0).astype(q.dtype)
+        return vjp(ct)
+
+    a, b = jax.vmap(sensitivity)(jnp.arange(n))  # leaves [j, n, ...]
+    a = jax.tree.map(lambda x: x[jnp.arange(n), jnp.arange(n)], a)  # node j's own slot
+    b = jax.tree.map(lambda x: x[jnp.arange(n), jnp.arange(n)], b)
+    g0 = jax.vmap(jax.grad(lambda p: loss_fn(p, probe)))(state.params)
+    a = jax.tree.map(lambda x, g: x + q.reshape((-1,) + (1,) * (g.ndim - 1)) * g, a, g0)
+
+    def node_scores(theta, opt, batch_j, a_j, b_j):
+        B = jax.tree.leaves(batch_j)[0].shape[0]
+        grads = jax.vmap(lambda z: jax.grad(loss_fn)(
+            theta, jax.tree.map(lambda x: x[None], z)))(batch_j)  # [B, ...] per-sample
+        g = jax.tree.map(lambda x: jnp.mean(x, axis=0), grads)
+
+        def update(grad):
+            upd, new_opt = traj.optimizer.update(grad, opt, theta)
+            return upd, new_opt
+
+        _, lin = jax.linearize(update, g)
+
+        def score(gi):
+            du, ds = lin(jax.tree.map(lambda x: x / B, gi))
+            return _float_dot(a_j, du) + _float_dot(b_j, ds)
+
+        return jax.vmap(score)(grads)
+
+    return jax.vmap(node_scores)(state.params, state.opt_state, batch, a, b)
+
+
+def _float_dot(a, b) -> jax.Array:
+    total = 0.0
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+        if jnp.issubdtype(jnp.result_type(y), jnp.inexact) and y.dtype != jax.dtypes.float0:
+            total = total + jnp.sum(x * y)
+    return total
+
+
+def per_sample(loss_fn: LossFn, traj: Trajectory, probe: PyTree, step: int, hops: int = 1,
+               node_weights: jax.Array | None = None) -> jax.Array:
+    """First-order DICE-E^(r) score of every sample in every source's batch at step ``t``.
+
+    The source's update is split over its samples through the linearised optimizer update,
+    ``(δθ_i, δs_i) = J_O(g) · ∇ℓ_i / B``; each part is pushed through the same shells as the
+    batch (reverse mode, one VJP per source). For optimizers whose update is linear in the
+    gradient (plain SGD) the scores sum exactly to ``dice_e(..., order=1)``; for others
+    (momentum, Adam) they are the linearised split and need not sum to the batch score.
+
+    Args:
+      loss_fn: one node's loss; must be the mean of per-sample losses.
+      traj, probe, step, hops, node_weights: as in :func:`dicejax.influence.dice_e`.
+
+    Returns:
+      ``[n, B]``: score of sample ``i`` of source ``j`` (negative = helpful).
+    """
+    q = check_query(traj, probe, step, hops, node_weights, loss_fn)
+    return _per_sample(loss_fn, traj, probe, jnp.asarray(step), q.astype(_float_dtype(traj)),
+                       hops=hops)
+
