@@ -111,17 +111,25 @@ def test_accuracy_exact_on_constructed_case():
     # MLP with no hidden layer on a 1x1x3 "image": logits = x @ W + b; with W = I, b = 0 the
     # prediction is the arg-max of the input.
     model = models.MLP(hidden=(), num_classes=3)
-    params = {"Dense_0": {"kernel": jnp.eye(3), "bias": jnp.zeros(3)}}
-    x = jnp.array([[5.0, 0, 0], [0, 5, 0], [0, 0, 5], [5, 0, 0]]).reshape(4, 1, 1, 3)
-    batch = {"x": x, "y": jnp.array([0, 1, 0, 2])}  # first two right, last two wrong
-    assert float(models.make_accuracy_fn(model)(params, batch)) == 0.5
-    batch_right = {"x": x, "y": jnp.array([0, 1, 2, 0])}
-    assert float(models.make_accuracy_fn(model)(params, batch_right)) == 1.0
+    params = {"Dense_0": {"kernel": np.eye(3, dtype=np.float32), "bias": np.zeros(3, np.float32)}}
+    x = np.array([[5.0, 0, 0], [0, 5, 0], [0, 0, 5], [5, 0, 0]], np.float32).reshape(4, 1, 1, 3)
+    half = {"x": x, "y": np.array([0, 1, 0, 2])}  # first two right, last two wrong
+    right = {"x": x, "y": np.array([0, 1, 2, 0])}
+
+    @jax.jit
+    def run(params, half, right):
+        accuracy = models.make_accuracy_fn(model)
+        return (
+            accuracy(params, half),
+            accuracy(params, right),
+            models.make_loss_fn(model)(params, right),
+        )
+
+    acc_half, acc_right, loss_right = run(params, half, right)
+    assert float(acc_half) == 0.5
+    assert float(acc_right) == 1.0
     # Cross-entropy of logits (5, 0, 0) for the right class: log(1 + 2 e^-5).
-    expected = np.log1p(2 * np.exp(-5.0))
-    np.testing.assert_allclose(
-        float(models.make_loss_fn(model)(params, batch_right)), expected, rtol=1e-5
-    )
+    np.testing.assert_allclose(float(loss_right), np.log1p(2 * np.exp(-5.0)), rtol=1e-5)
 
 
 @pytest.mark.parametrize("name", [n for n, _ in MODEL_SPECS])
@@ -130,20 +138,28 @@ def test_init_params_stacking(name):
     shape = (8, 8, 1)
     single = models.init_params(model, jax.random.key(4), shape)
     same = models.init_params(model, jax.random.key(4), shape, num_nodes=3)
-    indep = models.init_params(model, jax.random.key(4), shape, num_nodes=3, same_init=False)
+
+    def indep_fn(key):
+        return models.init_params(model, key, shape, num_nodes=3, same_init=False)
+
+    # A vmapped ResNet initialiser compiles for seconds: check its shapes only.
+    abstract = name == "resnet18"
+    key = jax.random.key(4)
+    indep = jax.eval_shape(indep_fn, key) if abstract else indep_fn(key)
     assert jax.tree.structure(same) == jax.tree.structure(single)
     assert jax.tree.structure(indep) == jax.tree.structure(single)
     for s, p, q in zip(jax.tree.leaves(single), jax.tree.leaves(same), jax.tree.leaves(indep)):
         assert p.shape == q.shape == (3, *s.shape)
         for k in range(3):
-            np.testing.assert_array_equal(p[k], s)
+            np.testing.assert_array_equal(np.asarray(p)[k], s)
     kernels = [
         leaf
         for path, leaf in jax.tree_util.tree_leaves_with_path(indep)
         if "kernel" in jax.tree_util.keystr(path)
     ]
     assert kernels
-    for leaf in kernels:
+    for leaf in [] if abstract else kernels:
+        leaf = np.asarray(leaf)
         assert not np.allclose(leaf[0], leaf[1])
         assert not np.allclose(leaf[1], leaf[2])
 
@@ -176,9 +192,7 @@ def test_float64_under_x64():
 
 
 def test_float64_without_x64_is_an_error():
-    if jax.config.jax_enable_x64:
-        pytest.skip("x64 enabled globally")
-    with pytest.raises(ValueError, match="dtype"):
+    with jax.enable_x64(False), pytest.raises(ValueError, match="dtype"):
         models.init_params(models.MLP(), jax.random.key(0), (8, 8, 1), dtype=jnp.float64)
 
 
@@ -191,8 +205,8 @@ def test_grads_finite_and_jit(name):
     assert np.isfinite(float(loss))
     assert jax.tree.structure(grads) == jax.tree.structure(params)
     for g in jax.tree.leaves(grads):
-        assert bool(jnp.all(jnp.isfinite(g)))
-    assert any(float(jnp.abs(g).max()) > 0 for g in jax.tree.leaves(grads))
+        assert np.all(np.isfinite(np.asarray(g)))
+    assert any(np.abs(np.asarray(g)).max() > 0 for g in jax.tree.leaves(grads))
 
 
 def test_vmap_over_stacked_nodes():
@@ -201,8 +215,9 @@ def test_vmap_over_stacked_nodes():
     batches = _batch(10, (8, 8, 1), lead=(4,))
     losses = jax.jit(jax.vmap(models.make_loss_fn(model)))(params, batches)
     assert losses.shape == (4,)
-    one = models.make_loss_fn(model)(
-        jax.tree.map(lambda p: p[2], params), jax.tree.map(lambda b: b[2], batches)
+    one = jax.jit(models.make_loss_fn(model))(
+        jax.tree.map(lambda p: np.asarray(p)[2], params),
+        jax.tree.map(lambda b: np.asarray(b)[2], batches),
     )
     np.testing.assert_allclose(float(losses[2]), float(one), rtol=1e-5)
 
@@ -216,9 +231,11 @@ def test_functions_are_cached():
     assert models.make_loss_fn(model) is not models.make_loss_fn(models.CNN(num_classes=5))
     # Unhashable module (list field): still works, just not cached.
     unhashable = models.MLP(hidden=[8])
-    params = models.init_params(unhashable, jax.random.key(0), (8, 8, 1))
-    loss = models.make_loss_fn(unhashable)(params, _batch(1, (8, 8, 1)))
-    assert np.isfinite(float(loss))
+    params = jax.eval_shape(
+        lambda k: models.init_params(unhashable, k, (8, 8, 1)), jax.random.key(0)
+    )
+    loss = jax.eval_shape(models.make_loss_fn(unhashable), params, _batch(1, (8, 8, 1)))
+    assert loss.shape == ()
 
 
 def test_flops_mlp_hand_count():
@@ -261,6 +278,10 @@ def test_validation_errors():
         models.init_params(models.MLP(), jax.random.key(0), (8, 8, 1), num_nodes=0)
     with pytest.raises(ValueError, match="dtype"):
         models.init_params(models.MLP(), jax.random.key(0), (8, 8, 1), dtype=jnp.int32)
+    with pytest.raises(ValueError, match="dtype"):
+        models.init_params(models.MLP(), jax.random.key(0), (8, 8, 1), dtype="not-a-dtype")
+    with pytest.raises(ValueError, match="key"):
+        models.init_params(models.MLP(), 0, (8, 8, 1))
     with pytest.raises(ValueError, match="model"):
         models.make_loss_fn("mlp")
     with pytest.raises(ValueError, match="input_shape"):

@@ -53,11 +53,12 @@ Batch = Mapping[str, jax.Array]
 def _lecun_normal(key: jax.Array, shape: Sequence[int], dtype: Any = jnp.float32) -> jax.Array:
     """Flax's default kernel initialiser (``lecun_normal``), sampled as a flat vector.
 
-    Returns exactly the values of ``nn.initializers.lecun_normal()(key, shape, dtype)``
-    (truncated normal on [-2, 2], std ``1 / sqrt(fan_in)`` with ``fan_in = prod(shape[:-1])``),
-    but draws the random bits for a 1-D shape and reshapes: with partitionable threefry,
-    XLA:CPU takes seconds to compile the bit generator for each 4-D conv-kernel shape, which
-    made initialising a ResNet take ~20 s; the flat draw compiles in a fraction of that.
+    Returns the values of ``nn.initializers.lecun_normal()(key, shape, dtype)`` up to float
+    rounding (truncated normal on [-2, 2], std ``1 / sqrt(fan_in)``, ``fan_in =
+    prod(shape[:-1])``), but draws the random bits for a 1-D shape and reshapes: with
+    partitionable threefry, XLA:CPU takes seconds to compile the bit generator for each 4-D
+    conv-kernel shape, which made initialising a ResNet take ~20 s; the flat draw compiles in
+    a fraction of that.
     """
     fan_in = max(1, math.prod(shape[:-1]))
     stddev = math.sqrt(1.0 / fan_in) / 0.87962566103423978
@@ -293,40 +294,47 @@ def replicate(params: PyTree, n: int) -> PyTree:
         ValueError: if ``n`` is not a positive integer.
     """
     _check_positive_int(n, "n")
-    return jax.tree.map(lambda leaf: jnp.repeat(jnp.asarray(leaf)[None], int(n), axis=0), params)
+    return _replicate(params, int(n))
 
 
-def _cast_floats(params: PyTree, dtype: Any) -> PyTree:
-    def cast(leaf: jax.Array) -> jax.Array:
-        return leaf.astype(dtype) if jnp.issubdtype(leaf.dtype, jnp.floating) else leaf
-
-    return jax.tree.map(cast, params)
+@functools.partial(jax.jit, static_argnums=1)
+def _replicate(params: PyTree, n: int) -> PyTree:
+    # One jitted call for the whole tree: eager per-leaf ops would compile once per leaf shape.
+    return jax.tree.map(lambda leaf: jnp.broadcast_to(leaf, (n, *jnp.shape(leaf))), params)
 
 
 def _build_initializer(
-    model: nn.Module, shape: tuple[int, int, int], batched: bool
+    model: nn.Module, shape: tuple[int, int, int], num_keys: int | None, dtype: np.dtype | None
 ) -> Callable[[jax.Array], PyTree]:
-    """Jitted ``key -> params`` (``batched``: ``keys [n] -> params [n, ...]`` via ``vmap``)."""
+    """Jitted ``key -> params``; with ``num_keys = n``, ``key -> params [n, ...]`` initialised
+    independently from ``jax.random.split(key, n)`` (``vmap`` of the initialiser)."""
 
     def init_one(key: jax.Array) -> PyTree:
-        return model.init(key, jnp.zeros((1, *shape), jnp.float32))["params"]
+        params = model.init(key, jnp.zeros((1, *shape), jnp.float32))["params"]
+        if dtype is None:
+            return params
+        return jax.tree.map(
+            lambda p: p.astype(dtype) if jnp.issubdtype(p.dtype, jnp.floating) else p, params
+        )
 
-    return jax.jit(jax.vmap(init_one) if batched else init_one)
+    if num_keys is None:
+        return jax.jit(init_one)
+    return jax.jit(lambda key: jax.vmap(init_one)(jax.random.split(key, num_keys)))
 
 
 _cached_initializer = functools.lru_cache(maxsize=64)(_build_initializer)
 
 
 def _initializer(
-    model: nn.Module, shape: tuple[int, int, int], batched: bool
+    model: nn.Module, shape: tuple[int, int, int], num_keys: int | None, dtype: np.dtype | None
 ) -> Callable[[jax.Array], PyTree]:
     """Cached :func:`_build_initializer`: compiling a ResNet initialiser takes seconds on CPU,
     so repeated ``init_params`` calls with the same model and shape reuse the compiled one."""
     try:
         hash(model)
     except TypeError:
-        return _build_initializer(model, shape, batched)
-    return _cached_initializer(model, shape, batched)
+        return _build_initializer(model, shape, num_keys, dtype)
+    return _cached_initializer(model, shape, num_keys, dtype)
 
 
 def init_params(
@@ -355,16 +363,22 @@ def init_params(
         The ``'params'`` pytree: leaves ``[...]`` or ``[n, ...]``.
 
     Raises:
-        ValueError: for a non-module ``model``, a malformed ``input_shape``, a non-positive
-            ``num_nodes``, or a ``dtype`` that is not floating or is not available (64-bit
-            without ``jax_enable_x64``).
+        ValueError: for a non-module ``model``, a ``key`` that is not an array, a malformed
+            ``input_shape``, a non-positive ``num_nodes``, or a ``dtype`` that is not
+            floating or is not available (64-bit without ``jax_enable_x64``).
     """
     _check_module(model)
+    if not isinstance(key, jax.Array):
+        raise ValueError(f"key must be a PRNG key (jax.random.key(seed)), got {key!r}")
     shape = _check_input_shape(input_shape)
     if num_nodes is not None:
         _check_positive_int(num_nodes, "num_nodes")
     if dtype is not None:
-        if not jnp.issubdtype(dtype, jnp.floating):
+        try:
+            floating = jnp.issubdtype(dtype, jnp.floating)
+        except TypeError:
+            floating = False
+        if not floating:
             raise ValueError(f"dtype must be a floating dtype, got {dtype!r}")
         if jax.dtypes.canonicalize_dtype(dtype) != jnp.dtype(dtype):
             raise ValueError(
@@ -372,14 +386,11 @@ def init_params(
                 "(e.g. `with jax.enable_x64(True):`)"
             )
 
-    if num_nodes is None or same_init:
-        params = _initializer(model, shape, batched=False)(key)
-        if num_nodes is not None:
-            params = replicate(params, num_nodes)
-    else:
-        keys = jax.random.split(key, int(num_nodes))
-        params = _initializer(model, shape, batched=True)(keys)
-    return params if dtype is None else _cast_floats(params, dtype)
+    dtype = None if dtype is None else jnp.dtype(dtype)
+    if num_nodes is not None and not same_init:
+        return _initializer(model, shape, int(num_nodes), dtype)(key)
+    params = _initializer(model, shape, None, dtype)(key)
+    return params if num_nodes is None else replicate(params, num_nodes)
 
 
 def num_params(params: PyTree) -> int:
