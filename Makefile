@@ -18,6 +18,8 @@ venv: $(BIN)/dicejax
 demo: venv
 	$(BIN)/dicejax train --dataset digits --nodes 16 --topology exponential --model mlp \
 	    --lr 0.1 --batch 16 --steps 300 --out $(OUT)/train
+	$(BIN)/dicejax align --dataset digits --nodes 16 --topology exponential --model mlp \
+	    --lr 0.1 --batch 16 --steps 100 --hops 3 --num-steps 20 --out $(OUT)/align
 
 test: venv
 	$(BIN)/ruff check src tests benchmarks
@@ -27,8 +29,7 @@ lint: venv
 	$(BIN)/ruff check src tests benchmarks
 
 bench: venv
-	$(BIN)/pip install --quiet '.[bench]'
-	$(BIN)/python benchmarks/bench_simulate.py
+	$(BIN)/python benchmarks/bench_influence.py
 
 clean:
 	rm -rf $(VENV) $(OUT) .pytest_cache

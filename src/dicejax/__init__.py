@@ -7,7 +7,7 @@ The curated public API::
     traj = dj.simulate(loss_fn, dj.replicate(params, 16), batches, topo)
 """
 
-from dicejax import influence, mixing, topology
+from dicejax import data, influence, mixing, models, topology
 from dicejax.simulate import (
     NodeState,
     Trajectory,
@@ -24,9 +24,11 @@ __all__ = [
     "Topology",
     "Trajectory",
     "__version__",
+    "data",
     "influence",
     "init",
     "mixing",
+    "models",
     "replicate",
     "simulate",
     "topology",

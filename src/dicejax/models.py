@@ -27,6 +27,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from dicejax.simulate import replicate
+
 __all__ = [
     "CNN",
     "MLP",
@@ -278,29 +280,6 @@ def _check_input_shape(input_shape: Any) -> tuple[int, int, int]:
 def _check_module(model: Any) -> None:
     if not isinstance(model, nn.Module):
         raise ValueError(f"model must be a flax.linen.Module, got {type(model).__name__}")
-
-
-def replicate(params: PyTree, n: int) -> PyTree:
-    """Stacks ``n`` copies of a parameter pytree along a new leading node axis.
-
-    Args:
-        params: pytree of arrays with leaf shapes ``[...]``.
-        n: number of nodes.
-
-    Returns:
-        Pytree of the same structure with leaves ``[n, ...]`` (fresh buffers, not views).
-
-    Raises:
-        ValueError: if ``n`` is not a positive integer.
-    """
-    _check_positive_int(n, "n")
-    return _replicate(params, int(n))
-
-
-@functools.partial(jax.jit, static_argnums=1)
-def _replicate(params: PyTree, n: int) -> PyTree:
-    # One jitted call for the whole tree: eager per-leaf ops would compile once per leaf shape.
-    return jax.tree.map(lambda leaf: jnp.broadcast_to(leaf, (n, *jnp.shape(leaf))), params)
 
 
 def _build_initializer(
