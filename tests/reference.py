@@ -30,7 +30,8 @@ def node(tree, *idx):
     return jax.tree.map(lambda x: x[idx], tree)
 
 
-def explicit_steps(loss_fn, optimizer, params, opt_states, batches, matrices, drop=None):
+def explicit_steps(loss_fn, optimizer, params, opt_states, batches, matrices, drop=None,
+                   scales=None):
     """Runs len(matrices) ATC steps with explicit loops; node ``drop`` skips its first update.
 
     Args:
@@ -38,6 +39,7 @@ def explicit_steps(loss_fn, optimizer, params, opt_states, batches, matrices, dr
       batches: pytree with leaves [r, n, B, ...].
       matrices: [r, n, n].
       drop: source whose update at the first step is removed (keeps θ_j^t and its state).
+      scales: optional [r, n] factors on each node's update (0: no update, state kept).
 
     Returns:
       List over s = 1..r of lists of per-node params.
@@ -49,12 +51,13 @@ def explicit_steps(loss_fn, optimizer, params, opt_states, batches, matrices, dr
         for k in range(n):
             g = _grad(loss_fn)(params[k], node(batches, s, k))
             upd, st = _update(optimizer)(g, opt_states[k], params[k])
-            if s == 0 and k == drop:
+            sigma = 1.0 if scales is None else float(scales[s][k])
+            if (s == 0 and k == drop) or sigma == 0.0:
                 half.append(params[k])
                 new_opt.append(opt_states[k])
             else:
-                half.append(optax.apply_updates(params[k], upd))
-                new_opt.append(st)
+                half.append(jax.tree.map(lambda p, u, c=sigma: p + c * u, params[k], upd))
+                new_opt.append(st)  # a scaled sender still trains normally
         params = []
         for k in range(n):
             acc = jax.tree.map(jnp.zeros_like, half[k])
@@ -101,12 +104,14 @@ def gt_brute(loss_fn, traj, probe, t, hops, q):
     params, opts = traj_nodes(traj, t)
     mats = np.asarray(traj.matrices(t, t + hops))
     batches = jax.tree.map(lambda x: x[t : t + hops], traj.batches)
-    actual = explicit_steps(loss_fn, traj.optimizer, params, opts, batches, mats)
+    scales = None if traj.update_scale is None else np.asarray(traj.update_scale[t : t + hops])
+    actual = explicit_steps(loss_fn, traj.optimizer, params, opts, batches, mats, scales=scales)
     sh = shells_bfs(mats)
     L = probe_loss(loss_fn, probe)
     scores, network = [], []
     for j in range(n):
-        cf = explicit_steps(loss_fn, traj.optimizer, params, opts, batches, mats, drop=j)
+        cf = explicit_steps(loss_fn, traj.optimizer, params, opts, batches, mats, drop=j,
+                            scales=scales)
         half_j = node(traj.half_params, t, j)
         total = q[j] * (float(L(half_j)) - float(L(params[j])))
         for s in range(hops):

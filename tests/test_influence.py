@@ -24,11 +24,12 @@ def _graph(kind, n, steps, rng):
     return dj.topology.ring(n)
 
 
-def _run(kind="directed", opt=None, n=5, steps=6, seed=0, lr=0.3):
+def _run(kind="directed", opt=None, n=5, steps=6, seed=0, lr=0.3, update_scale=None):
     rng = np.random.default_rng(seed + 7)
     loss, params, batches, probe = make_problem(n=n, steps=steps, model="tanh", seed=seed)
     opt = optax.sgd(lr) if opt is None else opt
-    traj = dj.simulate(loss, params, batches, _graph(kind, n, steps, rng), optimizer=opt)
+    traj = dj.simulate(loss, params, batches, _graph(kind, n, steps, rng), optimizer=opt,
+                       update_scale=update_scale)
     q = rng.uniform(0.5, 1.5, size=n)
     return loss, traj, probe, q / q.sum()
 
@@ -50,8 +51,22 @@ def test_dice_gt_equals_explicit_counterfactual_reruns(kind, opt_name, hops):
     np.testing.assert_allclose(batched, got, rtol=1e-12, atol=1e-15)
 
 
+def test_dice_gt_with_attackers_equals_explicit_reruns():
+    """Free-riders (0) and sign-flipping / scaling nodes (−1, 2) stay in the re-runs."""
+    scale = np.array([1.0, 0.0, -1.0, 2.0, 1.0])
+    loss, traj, probe, q = _run("time_varying", optax.adam(0.05), update_scale=scale)
+    expect, expect_net = ref.gt_brute(loss, traj, probe, 1, 2, q)
+    np.testing.assert_allclose(di.dice_gt(loss, traj, probe, step=1, hops=2, node_weights=q),
+                               expect, rtol=RTOL, atol=1e-14)
+    np.testing.assert_allclose(
+        di.dice_gt_network(loss, traj, probe, step=1, horizon=2, node_weights=q), expect_net,
+        rtol=RTOL, atol=1e-14)
+    assert abs(float(di.dice_gt(loss, traj, probe, step=1, hops=2)[1])) < 1e-15  # free-rider
+
+
 @pytest.mark.parametrize("kind", ["directed", "time_varying", "ring"])
-@pytest.mark.parametrize("order,direct", [(1, "taylor"), (2, "taylor"), (1, "exact"), (2, "exact")])
+@pytest.mark.parametrize("order,direct", [(1, "taylor"), (2, "taylor"), (1, "exact"),
+                                          (2, "exact")])
 def test_dice_e_sgd_equals_theorem1_walk_enumeration(kind, order, direct):
     loss, traj, probe, q = _run(kind, optax.sgd(0.3), n=4)
     t, hops = 1, 3

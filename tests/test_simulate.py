@@ -259,3 +259,61 @@ def test_bad_leading_axes_and_values():
     _bad(lambda: dj.simulate(loss, params, batches, topo, eval_every=2), "eval_batch")
     _bad(lambda: dj.simulate(loss, params, batches, topo, chunk_steps=0), "chunk_steps")
     _bad(lambda: dj.simulate(loss, params, batches, topo, mixing="fast"), "mixing")
+
+
+def test_update_scale_gates_local_updates():
+    loss, params, batches, _ = make_problem(n=4, steps=3, model="tanh")
+    topo = dj.topology.ring(4)
+    opt = optax.adam(0.05)
+    plain = dj.simulate(loss, params, batches, topo, opt)
+    ones = dj.simulate(loss, params, batches, topo, opt, update_scale=np.ones(4))
+    for a, b in zip(jax.tree.leaves(plain.params), jax.tree.leaves(ones.params)):
+        np.testing.assert_array_equal(a, b)  # a gate of 1 is exact
+    scale = np.array([1.0, 0.0, -1.0, 3.0])
+    traj = dj.simulate(loss, params, batches, topo, opt, update_scale=scale)
+    np.testing.assert_array_equal(traj.update_scale, np.broadcast_to(scale, (3, 4)))
+    # recompute step 1's local update by hand from the recorded state
+    t = 1
+    for k, s in enumerate(scale):
+        theta = jax.tree.map(lambda x, k=k: x[t, k], traj.params)
+        opt_k = jax.tree.map(lambda x, k=k: x[t, k], traj.opt_states)
+        g = jax.grad(loss)(theta, jax.tree.map(lambda x, k=k: x[t, k], batches))
+        upd, _ = opt.update(g, opt_k, theta)
+        expect = jax.tree.map(lambda p, u, s=s: p + s * u, theta, upd)
+        got = jax.tree.map(lambda x, k=k: x[t, k], traj.half_params)
+        for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(expect)):
+            np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-14)
+    # the free-rider's optimizer state never moves (count included)
+    for leaf in jax.tree.leaves(traj.opt_states):
+        np.testing.assert_array_equal(leaf[:, 1], jnp.broadcast_to(leaf[0, 1], leaf[:, 1].shape))
+    with pytest.raises(ValueError, match="update_scale"):
+        dj.simulate(loss, params, batches, topo, opt, update_scale=np.ones(3))
+    with pytest.raises(ValueError, match="update_scale"):
+        dj.simulate(loss, params, batches, topo, opt, update_scale=np.ones((2, 4)))
+
+
+def test_divergence_raises_floating_point_error_naming_step_and_node():
+    loss, params, batches, _ = make_problem(n=4, steps=6)
+    def exploding(p, b):  # finite until parameters grow past a threshold
+        return loss(p, b) + jnp.where(jnp.abs(p["w"]).max() > 50, jnp.nan, 0.0)
+    big = {"w": params["w"].at[2].multiply(40.0), "b": params["b"]}
+    with pytest.raises(FloatingPointError, match=r"node \d+ .* at step \d+"):
+        dj.simulate(exploding, big, batches, np.eye(4), optimizer=optax.sgd(1e4))
+    # opting out returns the NaNs instead
+    traj = dj.simulate(exploding, big, batches, np.eye(4), optimizer=optax.sgd(1e4),
+                       check_finite=False)
+    assert not np.all(np.isfinite(traj.metrics["loss"]))
+
+
+def test_evaluation_in_bounded_node_groups_equals_vmap(monkeypatch):
+    loss, params, batches, probe = make_problem(n=5, steps=4)
+    topo = dj.topology.ring(5)
+    full = dj.simulate(loss, params, batches, topo, eval_batch=probe, eval_every=2)
+    import importlib
+
+    sim_module = importlib.import_module("dicejax.simulate")
+    monkeypatch.setattr(sim_module, "EVAL_EXAMPLES", 14)  # 7 probe examples: 2 nodes at a time
+    jax.clear_caches()  # re-trace so the grouped path is the one compiled
+    grouped = dj.simulate(loss, params, batches, topo, eval_batch=probe, eval_every=2)
+    np.testing.assert_allclose(grouped.metrics["eval"]["loss"], full.metrics["eval"]["loss"],
+                               rtol=1e-12)

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
 from pathlib import Path
 
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
 from dicejax import report
+from dicejax.commands import MODULES
 from dicejax.experiments.common import RunConfig, save_json
 
 
@@ -84,7 +86,8 @@ def cmd_align(a: argparse.Namespace) -> int:
         jax.config.update("jax_enable_x64", True)
         dtype = jnp.float64
     with report.console.status("training, then scoring (node, step) pairs ..."):
-        result = alignment(config, hops=a.hops, num_steps=a.num_steps, dtype=dtype)
+        result = alignment(config, hops=a.hops, num_steps=a.num_steps, dtype=dtype,
+                           batch_size=a.batch_size)
     report.console.print(report.alignment_table(result))
     d = result["direct_taylor_vs_exact"]
     report.console.print(
@@ -109,12 +112,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--hops", type=int, default=3)
     p.add_argument("--num-steps", type=int, default=20, help="source steps to score")
     p.add_argument("--float32", action="store_true", help="run in float32 (default float64)")
+    p.add_argument("--batch-size", type=int, default=None,
+                   help="sources re-run at a time (bounds memory; default all at once)")
     p.set_defaults(fn=cmd_align)
+    for name in MODULES:
+        importlib.import_module(f"dicejax.commands.{name}").register(sub, _run_args, _config)
     args = parser.parse_args(argv)
     try:
         return args.fn(args)
     except (ValueError, FileNotFoundError) as e:
-        report.console.print(f"[red]error:[/red] {e}")
+        report.err_console.print(f"[red]error:[/red] {e}", soft_wrap=True)
         return 2
 
 

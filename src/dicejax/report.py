@@ -13,6 +13,7 @@ from rich.console import Console
 from rich.table import Table
 
 console = Console()
+err_console = Console(stderr=True)
 
 
 def _save(fig, path: Path) -> Path:

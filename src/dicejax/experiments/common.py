@@ -72,12 +72,16 @@ class RunConfig:
     def __post_init__(self):
         for name in ("nodes", "batch", "steps", "probe_size"):
             value = getattr(self, name)
-            if not isinstance(value, int) or value < 1:
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name}: must be a positive integer, got {value!r}")
+        for name in ("eval_every", "test_size"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise ValueError(f"{name}: must be an integer, got {value!r}")
         if self.optimizer not in OPTIMIZERS:
             raise ValueError(f"optimizer: must be one of {OPTIMIZERS}, got {self.optimizer!r}")
-        if not self.lr > 0:
-            raise ValueError(f"lr: must be positive, got {self.lr!r}")
+        if not (self.lr > 0 and np.isfinite(self.lr)):
+            raise ValueError(f"lr: must be positive and finite, got {self.lr!r}")
         if self.partition not in ("iid", "dirichlet", "shards", "resample"):
             raise ValueError(f"partition: unknown kind {self.partition!r}")
         if self.eval_every < 0 or self.test_size < 0:
@@ -174,7 +178,8 @@ def save_json(path: str | os.PathLike, obj: Any) -> Path:
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "w") as f:
-            json.dump(to_jsonable(obj), f, indent=2)
+            json.dump(to_jsonable(obj), f, indent=2, allow_nan=False)
+        os.chmod(tmp, 0o644)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

@@ -10,7 +10,7 @@ import jax
 import numpy as np
 
 from dicejax.experiments.common import RunConfig, Setup, build
-from dicejax.simulate import NodeState, Trajectory, simulate
+from dicejax.simulate import NodeState, Trajectory, evaluate_nodes, simulate
 
 
 class TrainResult(NamedTuple):
@@ -23,8 +23,8 @@ class TrainResult(NamedTuple):
 
 def evaluate(setup: Setup, params: Any) -> dict[str, np.ndarray]:
     """Per-node test metrics of stacked params: ``{"loss": [n], "accuracy": [n]}``."""
-    fn = jax.jit(jax.vmap(setup.eval_fn, in_axes=(0, None)))
-    return {k: np.asarray(v) for k, v in fn(params, setup.test).items()}
+    fn = jax.jit(evaluate_nodes, static_argnums=0)
+    return {k: np.asarray(v) for k, v in fn(setup.eval_fn, params, setup.test).items()}
 
 
 def train(config: RunConfig, *, record: bool = False, dtype: Any = None,

@@ -15,7 +15,7 @@ from dicejax.influence.cascade import (
 )
 from dicejax.influence.ledger import Ledger, ledger, per_sample, trajectory_attribution
 from dicejax.influence.proximal import neighbourhood_factor, proximal, reciprocity
-from dicejax.influence.rollout import gate, rollout, shells
+from dicejax.influence.rollout import shells
 
 __all__ = [
     "Cascade",
@@ -25,14 +25,12 @@ __all__ = [
     "dice_gt",
     "dice_gt_network",
     "e_cascade",
-    "gate",
     "gt_cascade",
     "ledger",
     "neighbourhood_factor",
     "per_sample",
     "proximal",
     "reciprocity",
-    "rollout",
     "shells",
     "trajectory_attribution",
 ]

@@ -159,34 +159,34 @@ def _e_cascade(loss_fn, traj, probe, t, q, *, hops, order, direct, batch_size):
     ones, eye = jnp.ones((n,), dtype), jnp.eye(n, dtype=dtype)
     theta, half = _at(traj.params, t), _at(traj.half_params, t)
     v = jax.tree.map(jnp.subtract, half, theta)
-    probe_loss = lambda p: loss_fn(p, probe)  # noqa: E731
-    hvp = jax.vmap(lambda p, d: jax.jvp(jax.grad(probe_loss), (p,), (d,)))  # per node
-
+    probe_grad = jax.vmap(jax.vmap(jax.grad(lambda p: loss_fn(p, probe))))  # [r, n, ...]
+    # one linearisation of the r-step re-run in the gates; its linear map is applied to the
+    # n unit gates (vmap), giving every source's perturbation δ [r, n, ...]
+    actual, lin = jax.linearize(lambda a: rollout(loss_fn, traj, t, hops, a), ones)
     if order == 1:
+        g = probe_grad(actual)  # the probe gradients once per (hop, node), not per source
 
-        def losses(alpha):
-            return node_losses(loss_fn, rollout(loss_fn, traj, t, hops, alpha), probe, lead=2)
-
-        _, lin = jax.linearize(losses, ones)
-        response = _map(lin, eye, batch_size)  # [j, r, k] = g_k · δ_k(j)
+        def response_of(e):
+            return _tree_dot(g, lin(e), lead=2)
     else:
-        actual, lin = jax.linearize(lambda a: rollout(loss_fn, traj, t, hops, a), ones)
+        g, hvp = jax.linearize(probe_grad, actual)  # H'δ as a linear map, shared by sources
 
-        def second_order(e):
-            delta = lin(e)  # leaves [r, n, ...]
-            g, hd = jax.vmap(hvp)(actual, delta)
-            return _tree_dot(g, delta, lead=2) - 0.5 * _tree_dot(delta, hd, lead=2)
+        def response_of(e):
+            delta = lin(e)
+            return _tree_dot(g, delta, lead=2) - 0.5 * _tree_dot(delta, hvp(delta), lead=2)
 
-        response = _map(second_order, eye, batch_size)
+    response = _map(response_of, eye, batch_size)  # [j, r, k] = g_k · δ_k(j) (+ curvature)
     matrix = q[None, :, None] * jnp.transpose(response, (1, 2, 0))
 
     if direct == "exact":
         own = node_losses(loss_fn, half, probe) - node_losses(loss_fn, theta, probe)
     else:
-        g0, hv = hvp(theta, v)
-        own = _tree_dot(g0, v)
-        if order == 2:
-            own = own + 0.5 * _tree_dot(v, hv)
+        grad0 = jax.vmap(jax.grad(lambda p: loss_fn(p, probe)))
+        if order == 1:
+            own = _tree_dot(grad0(theta), v)
+        else:
+            g0, hv = jax.jvp(grad0, (theta,), (v,))
+            own = _tree_dot(g0, v) + 0.5 * _tree_dot(v, hv)
     return Cascade(q * own, matrix, shells(_matrices(traj, t, hops)))
 
 

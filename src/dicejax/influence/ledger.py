@@ -110,15 +110,15 @@ def _attribution(loss_fn, traj, probe, q, *, remat):
     state0 = state_at(traj, 0)
 
     def body(state, xs):
-        batch, alpha = xs
-        state, _ = gated_step(loss_fn, traj, state, batch, alpha)
+        batch, alpha, t = xs
+        state, _ = gated_step(loss_fn, traj, state, batch, alpha, t)
         return state, None
 
     if remat:
         body = jax.checkpoint(body)
 
     def objective(alphas):
-        final, _ = jax.lax.scan(body, state0, (traj.batches, alphas))
+        final, _ = jax.lax.scan(body, state0, (traj.batches, alphas, jnp.arange(T)))
         return jnp.dot(q, node_losses(loss_fn, final.params, probe))
 
     return jax.grad(objective)(jnp.ones((T, n), q.dtype))
@@ -166,7 +166,7 @@ def _per_sample(loss_fn, traj, probe, t, q, *, hops):
         outs = [st.params]
         for u in range(hops - 1):
             st, _ = gated_step(loss_fn, traj, st, jax.tree.map(lambda x, u=u: x[u], later),
-                               None)
+                               None, t + 1 + u)
             outs.append(st.params)
         params = jax.tree.map(lambda *xs: jnp.stack(xs), *outs)
         return node_losses(loss_fn, params, probe, lead=2)

@@ -18,53 +18,38 @@ Re-running ``r`` steps from a recorded state therefore gives the exact counterfa
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from dicejax.simulate import LossFn, NodeState, Trajectory, local_updates
+from dicejax.simulate import LossFn, NodeState, Trajectory, step
 
 PyTree = Any
 
 
-def gate(old: PyTree, new: PyTree, alpha: jax.Array) -> PyTree:
-    """Scales each node's change from ``old`` to ``new`` by its gate ``alpha``.
+def gated_step(loss_fn: LossFn, traj: Trajectory, state: NodeState, batch: PyTree,
+               alpha: jax.Array | None, t) -> tuple[NodeState, PyTree]:
+    """One ATC step of the recorded run at local index ``t``, its updates gated by ``alpha``.
 
-    Args:
-      old: pytree, leaves ``[n, ...]`` (state before the local update).
-      new: pytree, leaves ``[n, ...]`` (state after it).
-      alpha: ``[n]`` gates; 1 keeps the update exactly, 0 drops it exactly.
-
-    Returns:
-      ``new + (α − 1)(new − old)`` for float leaves (``old`` where ``α = 0``), and
-      ``where(α = 0, old, new)`` for integer leaves.
-    """
-
-    def one(o, w):
-        a = alpha.reshape((-1,) + (1,) * (jnp.ndim(w) - 1))
-        if not jnp.issubdtype(jnp.result_type(w), jnp.inexact):
-            return jnp.where(a == 0, o, w)
-        return jnp.where(a == 0, o, w + (a - 1).astype(w.dtype) * (w - o))
-
-    return jax.tree.map(one, old, new)
-
-
-def gated_step(
-    loss_fn: LossFn, traj: Trajectory, state: NodeState, batch: PyTree, alpha: jax.Array | None
-) -> tuple[NodeState, PyTree]:
-    """One ATC step with gated local updates (``alpha=None``: the plain step).
+    The run's own update scales (``traj.update_scale``, e.g. attackers) are kept: the gate
+    on the parameters is ``update_scale[t] * alpha`` and on the optimizer state
+    ``[update_scale[t] != 0] * alpha`` (``alpha=None``: the recorded step itself).
 
     Returns:
       ``(state at t+1, gated half params [n, ...])``.
     """
-    half, opt_state, _ = local_updates(loss_fn, traj.optimizer, state, batch)
-    if alpha is not None:
-        half = gate(state.params, half, alpha)
-        opt_state = gate(state.opt_state, opt_state, alpha)
-    params = traj.mixer.apply(state.step, half)
-    return NodeState(params, opt_state, state.step + 1), half
+    scale, state_scale = alpha, alpha
+    if traj.update_scale is not None:
+        sigma = traj.update_scale[t]
+        trains = (sigma != 0).astype(sigma.dtype)
+        scale = sigma if alpha is None else sigma * alpha
+        state_scale = trains if alpha is None else trains * alpha
+    new_state, half, _ = step(loss_fn, traj.optimizer, traj.mixer, state, batch, scale,
+                              state_scale)
+    return new_state, half
 
 
 def state_at(traj: Trajectory, t: int) -> NodeState:
@@ -97,16 +82,17 @@ def rollout(loss_fn: LossFn, traj: Trajectory, t, hops: int, alpha: jax.Array) -
     state = state_at(traj, t)
     batches = batches_at(traj, t, hops)
     first = jax.tree.map(lambda x: x[0], batches)
-    state, _ = gated_step(loss_fn, traj, state, first, alpha)
+    state, _ = gated_step(loss_fn, traj, state, first, alpha, t)
     if hops == 1:
         return jax.tree.map(lambda x: x[None], state.params)
 
-    def body(s, batch):
-        s, _ = gated_step(loss_fn, traj, s, batch, None)
+    def body(s, xs):
+        batch, u = xs
+        s, _ = gated_step(loss_fn, traj, s, batch, None, u)
         return s, s.params
 
     rest = jax.tree.map(lambda x: x[1:], batches)
-    _, later = jax.lax.scan(body, state, rest)
+    _, later = jax.lax.scan(body, state, (rest, t + 1 + jnp.arange(hops - 1)))
     return jax.tree.map(lambda a, b: jnp.concatenate([a[None], b]), state.params, later)
 
 
@@ -150,6 +136,14 @@ def shells(matrices: jax.Array) -> jax.Array:
     return out
 
 
+@functools.partial(jax.jit, static_argnums=2)
+def _finite_window(params: PyTree, start, size: int) -> jax.Array:
+    """True when every parameter of steps ``start .. start+size-1`` is finite (one sync)."""
+    ok = [jnp.all(jnp.isfinite(jax.lax.dynamic_slice_in_dim(x, start, size, 0)))
+          for x in jax.tree.leaves(params) if jnp.issubdtype(x.dtype, jnp.inexact)]
+    return jnp.all(jnp.stack(ok))
+
+
 def check_query(
     traj: Trajectory, probe: PyTree, step: int, hops: int, node_weights, loss_fn: LossFn
 ) -> jax.Array:
@@ -167,9 +161,8 @@ def check_query(
         raise ValueError(
             f"hops: step + hops = {step + hops} exceeds the trajectory's T = {T} steps"
         )
-    for leaf in jax.tree.leaves(traj.params):
-        if not bool(jnp.all(jnp.isfinite(leaf[step : step + hops + 1]))):
-            raise ValueError(f"traj: non-finite parameters between steps {step} and {step + hops}")
+    if not bool(_finite_window(traj.params, step, hops + 1)):
+        raise ValueError(f"traj: non-finite parameters between steps {step} and {step + hops}")
     one = jax.tree.map(lambda x: x[0, 0], traj.params)
     try:
         out = jax.eval_shape(loss_fn, one, probe)
