@@ -7,7 +7,7 @@ The curated public API::
     traj = dj.simulate(loss_fn, dj.replicate(params, 16), batches, topo)
 """
 
-from dicejax import data, influence, mixing, models, topology
+from dicejax import checkpoint, data, influence, mixing, models, topology, topology_opt
 from dicejax.simulate import (
     NodeState,
     Trajectory,
@@ -24,6 +24,7 @@ __all__ = [
     "Topology",
     "Trajectory",
     "__version__",
+    "checkpoint",
     "data",
     "influence",
     "init",
@@ -32,4 +33,5 @@ __all__ = [
     "replicate",
     "simulate",
     "topology",
+    "topology_opt",
 ]

@@ -60,7 +60,8 @@ def cmd_train(a: argparse.Namespace) -> int:
     with Progress(*columns, console=report.console, transient=False) as bar:
         task = bar.add_task("train", total=config.steps)
         result = train(config, chunk_steps=max(1, config.steps // 20),
-                       callback=lambda state, done: bar.update(task, completed=done))
+                       callback=lambda state, done: bar.update(task, completed=done),
+                       checkpoint_dir=a.checkpoint_dir)
     s = result.summary
     report.console.print(report.accuracy_table(s))
     report.console.print(
@@ -106,6 +107,8 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("train", help="train a decentralized network, report per-node accuracy")
     _run_args(p)
+    p.add_argument("--checkpoint-dir", default=None,
+                   help="checkpoint every chunk there; rerun the same command to resume")
     p.set_defaults(fn=cmd_train)
     p = sub.add_parser("align", help="DICE-GT vs DICE-E correlations for r = 1..hops")
     _run_args(p, steps=100)

@@ -260,7 +260,8 @@ def _run_chunk(
     def body(state, xs):
         batch, scale = xs
         new_state, half, loss = step(loss_fn, optimizer, mixer, state, batch, scale)
-        ys = {"loss": loss, "consensus": consensus_distance(new_state.params)}
+        ys = {"loss": loss, "consensus": consensus_distance(new_state.params),
+              "finite": _node_finite(half)}
         if record:
             ys["params"] = new_state.params
             ys["half_params"] = half
@@ -320,9 +321,31 @@ def _check_params(params: PyTree) -> int:
     if len(ns) != 1:
         raise ValueError(f"params: leaves disagree on the leading node axis: {sorted(ns)}")
     for x in leaves:
+        dtype = x.dtype if hasattr(x, "dtype") else np.asarray(x).dtype
+        if not jnp.issubdtype(dtype, jnp.floating):
+            raise ValueError(f"params: leaves must be real floating arrays, got dtype {dtype}")
         if not _is_tracer(x) and not bool(np.all(np.isfinite(np.asarray(x)))):
             raise ValueError("params: contains non-finite values (NaN or Inf)")
     return ns.pop()
+
+
+def _check_callables(loss_fn, optimizer, params) -> None:
+    if not callable(loss_fn):
+        raise ValueError(f"loss_fn: must be callable, got {type(loss_fn).__name__}")
+    if not (callable(getattr(optimizer, "init", None))
+            and callable(getattr(optimizer, "update", None))):
+        raise ValueError(f"optimizer: must be an optax GradientTransformation, got "
+                         f"{type(optimizer).__name__}")
+    del params
+
+
+def _check_loss_output(loss_fn, params, batches) -> None:
+    one = jax.tree.map(lambda x: x[0], params)
+    batch = jax.tree.map(lambda x: x[0, 0], batches)
+    out = jax.eval_shape(loss_fn, one, batch)
+    if getattr(out, "shape", None) != () or not jnp.issubdtype(out.dtype, jnp.floating):
+        raise ValueError(f"loss_fn: must return a real scalar for one node's batch, got "
+                         f"{getattr(out, 'shape', out)} {getattr(out, 'dtype', '')}")
 
 
 def _check_batches(batches: PyTree, n: int, name: str = "batches") -> int:
@@ -365,7 +388,12 @@ def _mixer_for(topo, n: int, method: Method) -> tuple[Mixer, int | None]:
 def _check_scale(scale, n: int):
     if scale is None:
         return None
-    arr = scale if _is_tracer(scale) else jnp.asarray(scale)
+    try:
+        arr = scale if _is_tracer(scale) else jnp.asarray(scale)
+    except TypeError as e:
+        raise ValueError(f"update_scale: must be a numeric array, got {type(scale)}") from e
+    if not jnp.issubdtype(arr.dtype, jnp.number) or jnp.issubdtype(arr.dtype, jnp.complexfloating):
+        raise ValueError(f"update_scale: must be a real numeric array, got dtype {arr.dtype}")
     if arr.ndim not in (1, 2) or arr.shape[-1] != n:
         raise ValueError(f"update_scale: must have shape [n] or [T, n] with n={n}, "
                          f"got {arr.shape}")
@@ -374,21 +402,40 @@ def _check_scale(scale, n: int):
     return arr
 
 
-def _check_finite(loss: jax.Array, params: PyTree, offset: int) -> None:
-    """Raises FloatingPointError at the first non-finite (step, node) of a chunk."""
-    ok = bool(jnp.all(jnp.isfinite(loss))) and all(
-        bool(jnp.all(jnp.isfinite(x))) for x in jax.tree.leaves(params)
-        if jnp.issubdtype(x.dtype, jnp.inexact))
-    if ok:
+def _node_finite(params: PyTree) -> jax.Array:
+    """``[n]`` bool: every float parameter of node ``k`` is finite."""
+    flags = [jnp.all(jnp.isfinite(x.reshape(x.shape[0], -1)), axis=1)
+             for x in jax.tree.leaves(params) if jnp.issubdtype(x.dtype, jnp.inexact)]
+    return jnp.all(jnp.stack(flags), axis=0)
+
+
+def _check_finite(loss: jax.Array, finite: jax.Array, offset: int) -> None:
+    """Raises FloatingPointError at the first non-finite (step, node) of a chunk.
+
+    Args:
+      loss: ``[T_c, n]`` train loss at ``θ^t`` (before step ``t``).
+      finite: ``[T_c, n]`` whether each node's local update ``θ^{t+½}`` is finite (checked
+        before gossip, which would spread one node's NaN to all through ``0 · NaN``).
+      offset: global index of the chunk's first step.
+    """
+    loss, finite = np.asarray(loss), np.asarray(finite)
+    bad_loss, bad_params = ~np.isfinite(loss), ~finite
+    if not (bad_loss.any() or bad_params.any()):
         return
-    bad = np.argwhere(~np.isfinite(np.asarray(loss)))
-    if bad.size:
-        t, k = bad[0]
+    # the loss at t reflects θ^t, i.e. the parameters after step t − 1: order events by that
+    t_loss = np.argmax(bad_loss.any(axis=1)) - 0.5 if bad_loss.any() else np.inf
+    t_par = np.argmax(bad_params.any(axis=1)) if bad_params.any() else np.inf
+    if t_loss <= t_par:
+        t = int(t_loss + 0.5)
+        k = int(np.flatnonzero(bad_loss[t])[0])
         raise FloatingPointError(
-            f"simulate: diverged: the train loss of node {k} is {float(loss[t, k])} at step "
+            f"simulate: diverged: the train loss of node {k} is {loss[t, k]} at step "
             f"{offset + t}; lower the learning rate or check the data")
+    t = int(t_par)
+    nodes = np.flatnonzero(bad_params[t]).tolist()
     raise FloatingPointError(
-        f"simulate: diverged: parameters became non-finite by step {offset + loss.shape[0]}")
+        f"simulate: diverged: the local update of node {nodes[0]} became non-finite at step "
+        f"{offset + t} (nodes {nodes}); lower the learning rate or check the data")
 
 
 def _chunks(batches, chunk_steps: int | None) -> Iterator[PyTree]:
@@ -464,9 +511,11 @@ def simulate(
     if initial_state is not None:
         params = initial_state.params
     n = _check_params(params)
-    if not isinstance(eval_every, int) or eval_every < 0:
+    _check_callables(loss_fn, optimizer, params)
+    if isinstance(eval_every, bool) or not isinstance(eval_every, int) or eval_every < 0:
         raise ValueError(f"eval_every: must be a non-negative integer, got {eval_every!r}")
-    if chunk_steps is not None and (not isinstance(chunk_steps, int) or chunk_steps < 1):
+    if chunk_steps is not None and (isinstance(chunk_steps, bool)
+                                    or not isinstance(chunk_steps, int) or chunk_steps < 1):
         raise ValueError(f"chunk_steps: must be a positive integer, got {chunk_steps!r}")
     if eval_every and eval_batch is None:
         raise ValueError("eval_batch: required when eval_every > 0")
@@ -475,6 +524,7 @@ def simulate(
     mixer, fixed_steps = _mixer_for(topo, n, mixing)
     if not isinstance(batches, Iterator):
         total = _check_batches(batches, n)
+        _check_loss_output(loss_fn, params, batches)
         if fixed_steps is not None and fixed_steps != total:
             raise ValueError(
                 f"topo: has {fixed_steps} per-step matrices but batches have T={total} steps"
@@ -511,7 +561,7 @@ def simulate(
             eval_every=eval_every,
         )
         if check_finite and not _is_tracer(ys["loss"]):
-            _check_finite(ys["loss"], state.params, start + done)
+            _check_finite(ys["loss"], ys["finite"], start + done)
         outs.append(ys)
         if record:
             kept.append(chunk)

@@ -29,7 +29,7 @@ def evaluate(setup: Setup, params: Any) -> dict[str, np.ndarray]:
 
 def train(config: RunConfig, *, record: bool = False, dtype: Any = None,
           callback: Callable[[NodeState, int], None] | None = None,
-          chunk_steps: int | None = None) -> TrainResult:
+          chunk_steps: int | None = None, checkpoint_dir: str | None = None) -> TrainResult:
     """Runs ATC decentralized training as configured.
 
     Args:
@@ -38,6 +38,8 @@ def train(config: RunConfig, *, record: bool = False, dtype: Any = None,
       dtype: parameter/input float dtype (default float32).
       callback: progress hook ``(state, steps_done)`` called after each chunk.
       chunk_steps: scan length per chunk (for progress reporting; results are identical).
+      checkpoint_dir: save a checkpoint after every chunk there, and resume from the newest
+        complete one if the folder already holds this run (bit-identical results).
 
     Returns:
       A :class:`TrainResult`; ``summary`` holds the per-node final test accuracy and loss,
@@ -45,10 +47,17 @@ def train(config: RunConfig, *, record: bool = False, dtype: Any = None,
     """
     setup = build(config, dtype)
     start = time.perf_counter()
-    traj = simulate(setup.loss_fn, setup.params, setup.batches, setup.topology,
-                    setup.optimizer, record=record, eval_batch=setup.test,
-                    eval_fn=setup.eval_fn if config.eval_every else None,
-                    eval_every=config.eval_every, chunk_steps=chunk_steps, callback=callback)
+    if checkpoint_dir is not None:
+        from dicejax.checkpoint import run_setup
+
+        traj = run_setup(setup, checkpoint_dir, chunk_steps=chunk_steps, record=record,
+                         callback=callback)
+    else:
+        traj = simulate(setup.loss_fn, setup.params, setup.batches, setup.topology,
+                        setup.optimizer, record=record, eval_batch=setup.test,
+                        eval_fn=setup.eval_fn if config.eval_every else None,
+                        eval_every=config.eval_every, chunk_steps=chunk_steps,
+                        callback=callback)
     jax.block_until_ready(traj.final_params)
     seconds = time.perf_counter() - start
     final = evaluate(setup, traj.final_params)

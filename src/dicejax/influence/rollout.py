@@ -153,9 +153,9 @@ def check_query(
     if not traj.recorded:
         raise ValueError("traj: was run with record=False; influence needs record=True")
     T, n = traj.num_steps, traj.num_nodes
-    if not isinstance(step, int | np.integer) or not 0 <= step < T:
+    if isinstance(step, bool) or not isinstance(step, int | np.integer) or not 0 <= step < T:
         raise ValueError(f"step: must be an integer in [0, {T}), got {step!r}")
-    if not isinstance(hops, int | np.integer) or hops < 1:
+    if isinstance(hops, bool) or not isinstance(hops, int | np.integer) or hops < 1:
         raise ValueError(f"hops: must be a positive integer, got {hops!r}")
     if step + hops > T:
         raise ValueError(
@@ -173,9 +173,18 @@ def check_query(
             f"probe: loss_fn(params, probe) must be a scalar, got shape "
             f"{getattr(out, 'shape', None)}"
         )
+    probe_leaves = jax.tree.leaves(probe)
+    if any(jnp.size(x) == 0 for x in probe_leaves):
+        raise ValueError("probe: is empty; give at least one example")
+    if not all(bool(jnp.all(jnp.isfinite(x))) for x in probe_leaves
+               if jnp.issubdtype(jnp.result_type(x), jnp.inexact)):
+        raise ValueError("probe: contains non-finite values (NaN or Inf)")
     if node_weights is None:
         return jnp.full((n,), 1.0 / n, dtype=jnp.result_type(float))
-    q = jnp.asarray(node_weights)
+    try:
+        q = jnp.asarray(node_weights)
+    except TypeError as e:
+        raise ValueError(f"node_weights: must be a numeric array [n], got {node_weights!r}") from e
     if q.shape != (n,):
         raise ValueError(f"node_weights: must have shape ({n},), got {q.shape}")
     if not bool(jnp.all(jnp.isfinite(q))) or bool(jnp.any(q < 0)):
