@@ -16,7 +16,8 @@ console = Console(soft_wrap=True)
 err_console = Console(stderr=True, soft_wrap=True)
 
 
-def _save(fig, path: Path) -> Path:
+def save_figure(fig, path: Path) -> Path:
+    """Saves a matplotlib figure atomically (temporary file, then rename) and closes it."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp.png")
     fig.savefig(tmp, dpi=120, bbox_inches="tight")
@@ -47,7 +48,7 @@ def training_figure(summary: dict, path: Path) -> Path:
     if len(curve):
         axes[1].plot(curve["step"], curve["mean_accuracy"], marker="o")
     axes[1].set(xlabel="step", ylabel="mean test accuracy")
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def alignment_table(result: dict) -> Table:
@@ -87,4 +88,4 @@ def alignment_figure(result: dict, path: Path, estimator: str = "E1 (paper)") ->
         c = result["shells"][estimator][r + 1]
         ax.set(title=f"r = {r + 1}: Pearson {c['pearson']:.3f}", xlabel="DICE-GT",
                ylabel=estimator)
-    return _save(fig, path)
+    return save_figure(fig, path)

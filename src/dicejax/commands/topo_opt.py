@@ -109,15 +109,6 @@ def table(result: dict) -> Table:
     return t
 
 
-def _save(fig, path: Path) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=120, bbox_inches="tight")
-    plt.close(fig)
-    tmp.replace(path)
-    return path
-
-
 def graph_figure(result: dict, path: Path) -> Path:
     """The first seed's learned ``W``: heat map and drawing (edge width ∝ weight)."""
     w = np.asarray(result["learned"]["weights"][0])
@@ -142,7 +133,7 @@ def graph_figure(result: dict, path: Path) -> Path:
                            arrows=True, arrowsize=6, alpha=0.7, connectionstyle="arc3,rad=0.1")
     axes[1].set(title="learned graph (width ∝ weight, colour = self-weight)")
     axes[1].axis("off")
-    return _save(fig, path)
+    return report.save_figure(fig, path)
 
 
 def curves_figure(result: dict, path: Path) -> Path:
@@ -160,4 +151,4 @@ def curves_figure(result: dict, path: Path) -> Path:
         axes[2].plot(np.asarray(h), label=f"seed {result['seeds'][i]}")
     axes[2].set(xlabel="Adam step on the edge logits", ylabel=f"objective ({result['objective']})")
     axes[2].legend(fontsize=8)
-    return _save(fig, path)
+    return report.save_figure(fig, path)
