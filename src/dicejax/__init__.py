@@ -7,7 +7,17 @@ The curated public API::
     traj = dj.simulate(loss_fn, dj.replicate(params, 16), batches, topo)
 """
 
-from dicejax import checkpoint, data, influence, mixing, models, topology, topology_opt
+from dicejax import (
+    apps,
+    attacks,
+    checkpoint,
+    data,
+    influence,
+    mixing,
+    models,
+    topology,
+    topology_opt,
+)
 from dicejax.simulate import (
     NodeState,
     Trajectory,
@@ -24,6 +34,8 @@ __all__ = [
     "Topology",
     "Trajectory",
     "__version__",
+    "apps",
+    "attacks",
     "checkpoint",
     "data",
     "influence",
