@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import matplotlib
@@ -12,7 +13,8 @@ import numpy as np
 from rich.console import Console
 from rich.table import Table
 
-console = Console(soft_wrap=True)
+# Piped output (files, CI logs) gets 140 columns so that the wide tables stay readable.
+console = Console(soft_wrap=True, width=None if sys.stdout.isatty() else 140)
 err_console = Console(stderr=True, soft_wrap=True)
 
 
