@@ -24,6 +24,7 @@ demo: venv
 test: venv
 	$(BIN)/ruff check src tests benchmarks
 	$(BIN)/python -m pytest -q -n 2 --dist loadfile
+	DICEJAX_NOTEBOOK_SMALL=1 $(BIN)/python -m pytest -q -n 2 --nbmake notebooks
 
 lint: venv
 	$(BIN)/ruff check src tests benchmarks
