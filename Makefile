@@ -29,7 +29,10 @@ test: venv
 lint: venv
 	$(BIN)/ruff check src tests benchmarks
 
+# The CPU benchmark set (PyTorch baselines included); JSON under benchmarks/results/.
 bench: venv
+	$(BIN)/pip install --quiet -e '.[test,bench]'
+	$(BIN)/python benchmarks/bench_simulate.py
 	$(BIN)/python benchmarks/bench_influence.py
 
 clean:

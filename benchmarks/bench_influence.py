@@ -22,6 +22,16 @@ what gets measured):
 * network-level reading at horizon ``h``: ``Σ_k q_k g_k^{t+h} · δ_k^{t+h}(j)`` over every walk
   of length ``h`` (every end node), against :func:`dicejax.influence.dice_e_network`.
 
+PyTorch baselines (``benchmarks/torch_baselines.py``), the reference code's own framework and
+style: the run is re-trained in torch from the same initial weights and batches with the
+reference-style per-node loop (recording every node's ``θ^t``, ``θ^{t+½}``), then
+
+* ``torch_walks``: the same walk enumeration as ``walks_naive``, eager, one (node, batch) at
+  a time, every HVP a double backward (``autograd.grad`` of ``∇L · δ``);
+* ``torch_network_walks``: the network-level reading by walk enumeration;
+* ``torch_one_hop`` (r = 1): Proposition 1 as the reference computes it (training gradient
+  of the source, probe gradients of the source and of each out-neighbour after gossip).
+
 dicejax: :func:`dicejax.influence.dice_e` (forward-mode cascade, every source at once) and
 :func:`dicejax.influence.dice_e_network` (one adjoint sweep), called through the public API
 (argument validation included).
@@ -36,37 +46,41 @@ for all sources.
 Usage::
 
     python benchmarks/bench_influence.py [--repeats 5] [--hops 1,2,3] [--nodes 16] [--quick]
+        [--no-torch]
 """
 
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
-import os
-import platform
 import statistics
-import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
 import jax
 import jax.numpy as jnp
-import jaxlib
 import numpy as np
 from rich.console import Console
 from rich.table import Table
 
-from dicejax.experiments.common import RunConfig, build, to_jsonable
+from benchmarks import common
+from dicejax.experiments.common import RunConfig, build
 from dicejax.influence import dice_e, dice_e_network, shells
 from dicejax.simulate import Trajectory, simulate
 
-DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "bench_influence.json"
+try:
+    import torch
+
+    from benchmarks import torch_baselines as tb
+except ImportError:  # the torch baselines are optional (pip install -e '.[bench]')
+    torch = tb = None
+
+DEFAULT_OUT = common.RESULTS_DIR / "bench_influence.json"
 TOLERANCE = 1e-3  # max relative difference allowed between a baseline and dicejax (float32)
 
 PyTree = Any
@@ -151,9 +165,11 @@ class Problem:
     kernels: Kernels
     num_params: int
     info: dict = field(default_factory=dict)
+    torch_rec: Any = None  # tb.Recorded: the same run re-trained in torch (reference style)
 
 
-def make_problem(nodes: int, max_hops: int, step: int | None) -> Problem:
+def make_problem(nodes: int, max_hops: int, step: int | None, with_torch: bool = True
+                 ) -> Problem:
     config = RunConfig(dataset="digits", nodes=nodes, topology="exponential", model="mlp",
                        lr=0.1, batch=16, steps=20)
     setup = build(config)
@@ -171,9 +187,30 @@ def make_problem(nodes: int, max_hops: int, step: int | None) -> Problem:
     info = {"config": config, "topology": setup.topology.name, "step": t,
             "param_dtypes": dtypes, "probe_size": int(setup.probe["y"].shape[0]),
             "out_degree": [len(x) for x in nbrs[0]]}
-    return Problem(setup.loss_fn, traj, setup.probe, t, config.lr, nodes,
+    prob = Problem(setup.loss_fn, traj, setup.probe, t, config.lr, nodes,
                    np.full(nodes, 1.0 / nodes, np.float32), mats, sh, nbrs,
                    Kernels(setup.loss_fn, setup.probe), sum(int(x.size) for x in leaves), info)
+    if with_torch and tb is not None:
+        prob.torch_rec = torch_recording(setup, t + max_hops)
+    return prob
+
+
+def torch_recording(setup, steps: int):
+    """Re-trains the first ``steps`` steps in torch (reference style, same initial weights,
+    batches and ``W``; on the GPU when torch sees one), recording every node's ``θ^t`` and
+    ``θ^{t+½}``."""
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    shape = tuple(setup.dataset.input_shape)
+    model = tb.make_torch_model(setup.params, shape).to(dev)
+    tparams = {k: v.to(dev) for k, v in tb.to_torch_params(setup.params, shape, model).items()}
+    xs = tb.to_torch_images(np.asarray(setup.batches["x"][:steps])).to(dev)
+    ys = tb.to_torch_labels(np.asarray(setup.batches["y"][:steps])).to(dev)
+    matrix = np.asarray(setup.topology.matrix)
+    sim = tb.ReferenceSim(model, tparams, matrix, setup.config.lr, record=True)
+    sim.run(xs, ys)
+    return tb.Recorded(sim, xs, ys, tb.to_torch_images(np.asarray(setup.probe["x"])).to(dev),
+                       tb.to_torch_labels(np.asarray(setup.probe["y"])).to(dev), matrix,
+                       setup.config.lr)
 
 
 def walks_from(j: int, length: int, nbrs: list) -> list[tuple[int, ...]]:
@@ -313,13 +350,28 @@ def network_naive(prob: Problem, horizon: int, sources: Sequence[int], dry: bool
     return (None if dry else jnp.stack(out)), count
 
 
+def torch_walks(prob: Problem, hops: int, sources: Sequence[int], dry: bool = False,
+                network: bool = False):
+    """DICE-E^(r) (or the network-level reading) by walk enumeration in eager PyTorch."""
+    if dry:
+        return None, (network_naive if network else walks_naive)(prob, hops, sources, True)[1]
+    prob.torch_rec.clear()  # every timed run recomputes its probe gradients
+    scores, _ = tb.dice_e_walks(prob.torch_rec, prob.step, hops, sources, network=network)
+    return scores, None
+
+
+def torch_one_hop(prob: Problem, sources: Sequence[int], dry: bool = False):
+    """One-hop DICE-E (Proposition 1) as the reference computes it, eager PyTorch."""
+    if dry:
+        return None, walks_naive(prob, 1, sources, True)[1]
+    prob.torch_rec.clear()
+    return tb.dice_e_one_hop(prob.torch_rec, prob.step, sources), None
+
+
 # --------------------------------------------------------------------------------- harness
 
 
-def _timed(fn: Callable[[], Any]) -> tuple[float, Any]:
-    start = time.perf_counter()
-    out = jax.block_until_ready(fn())
-    return time.perf_counter() - start, out
+_timed = common.timed
 
 
 def _rel_diff(a, b) -> float:
@@ -388,59 +440,6 @@ def prepare(method: Method, n: int, budget: float, repeats: int) -> None:
     method.full_count = method.fn(range(n), dry=True)[1]
 
 
-def machine_info() -> dict:
-    cpu = platform.processor()
-    try:
-        with open("/proc/cpuinfo") as f:
-            names = [ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")]
-        cpu = names[0] if names else cpu
-    except OSError:
-        pass
-    dev = jax.devices()[0]
-    return {
-        "platform": platform.platform(),
-        "python": sys.version.split()[0],
-        "cpu": cpu,
-        "cpu_count": os.cpu_count(),
-        "cpu_affinity": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
-        "jax": jax.__version__,
-        "jaxlib": jaxlib.__version__,
-        "backend": jax.default_backend(),
-        "device": str(dev),
-        "device_kind": getattr(dev, "device_kind", None),
-        "x64": bool(jax.config.jax_enable_x64),
-        "xla_flags": os.environ.get("XLA_FLAGS", ""),
-        "load_average": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
-        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-    }
-
-
-def git_state() -> dict:
-    """HEAD commit and locally modified files of the checkout (results depend on both)."""
-    root = Path(__file__).resolve().parent.parent
-
-    def git(*cmd):
-        try:
-            out = subprocess.run(["git", *cmd], cwd=root, capture_output=True, text=True,
-                                 timeout=10, check=True)
-            return out.stdout.strip()
-        except (OSError, subprocess.SubprocessError):
-            return None
-
-    status = git("status", "--porcelain", "--", "src")
-    return {"head": git("rev-parse", "HEAD"),
-            "modified_src": None if status is None else status.splitlines()}
-
-
-def matmul_gflops(size: int = 1024, repeats: int = 10) -> float:
-    """The machine's own float32 matrix-multiply rate (one ``size``² matmul in XLA), GFLOP/s."""
-    a = jnp.ones((size, size), jnp.float32)
-    mm = jax.jit(lambda x: x @ x)
-    jax.block_until_ready(mm(a))
-    times = [_timed(lambda: mm(a))[0] for _ in range(repeats)]
-    return 2 * size**3 / statistics.median(times) / 1e9
-
-
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--repeats", type=int, default=None, help="timed repeats (default 5)")
@@ -450,6 +449,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--budget", type=float, default=60.0,
                    help="seconds a walk baseline may take over all repeats for one r before "
                         "it is timed on a subset of sources and extrapolated (default 60)")
+    p.add_argument("--no-torch", action="store_true", help="skip the PyTorch baselines")
     p.add_argument("--quick", action="store_true",
                    help="smoke test: nodes 8, hops 1,2, repeats 1 (explicit flags win)")
     p.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"JSON (default {DEFAULT_OUT})")
@@ -470,43 +470,61 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     return a
 
 
-def _fmt_s(m: Method) -> str:
+def _fmt_s(m: Method | None) -> str:
+    if m is None:
+        return "-"
     return f"{m.median:.4g}" + ("*" if m.extrapolated else "")
 
 
+def _ratio(num: Method | None, den: Method) -> str:
+    return "-" if num is None else f"{num.median / den.median:.1f}x"
+
+
 def print_tables(rows: list[dict], methods: dict, machine: dict, prob: Problem) -> None:
-    main_cols = ["r", "#walks", "#HVPs naive", "naive s", "#HVPs prefix", "prefix s",
-                 "dice_e s", "speed-up vs naive", "vs prefix", "max rel diff"]
-    net_cols = ["h", "#walks", "#HVPs naive", "naive s", "dice_e_network s",
-                "speed-up", "max rel diff"]
+    main_cols = ["r", "#walks", "#HVPs naive", "torch walks s", "JAX naive s",
+                 "#HVPs prefix", "JAX prefix s", "dice_e s", "vs torch", "vs JAX naive",
+                 "vs prefix", "max rel diff"]
+    net_cols = ["h", "#walks", "#HVPs naive", "torch walks s", "JAX naive s",
+                "dice_e_network s", "vs torch", "vs JAX naive", "max rel diff"]
     main_rows, net_rows = [], []
     for row in rows:
         r = row["hops"]
         naive, prefix, fwd = (methods[r, x] for x in ("walks_naive", "walks_prefix", "dice_e"))
         net, adj = methods[r, "network_walks_naive"], methods[r, "dice_e_network"]
+        tw, tnet = methods.get((r, "torch_walks")), methods.get((r, "torch_network_walks"))
+        diffs = row["rel_diff"]
         main_rows.append([
-            str(r), str(naive.full_count.walks), str(naive.full_count.hvps), _fmt_s(naive),
-            str(prefix.full_count.hvps), _fmt_s(prefix), f"{fwd.median:.4g}",
-            f"{naive.median / fwd.median:.1f}x", f"{prefix.median / fwd.median:.1f}x",
-            f"{max(row['rel_diff']['walks_naive'], row['rel_diff']['walks_prefix']):.2e}"])
+            str(r), str(naive.full_count.walks), str(naive.full_count.hvps), _fmt_s(tw),
+            _fmt_s(naive), str(prefix.full_count.hvps), _fmt_s(prefix), f"{fwd.median:.4g}",
+            _ratio(tw, fwd), _ratio(naive, fwd), _ratio(prefix, fwd),
+            f"{max(v for k, v in diffs.items() if 'network' not in k):.2e}"])
         net_rows.append([
-            str(r), str(net.full_count.walks), str(net.full_count.hvps), _fmt_s(net),
-            f"{adj.median:.4g}", f"{net.median / adj.median:.1f}x",
-            f"{row['rel_diff']['network_walks_naive']:.2e}"])
+            str(r), str(net.full_count.walks), str(net.full_count.hvps), _fmt_s(tnet),
+            _fmt_s(net), f"{adj.median:.4g}", _ratio(tnet, adj), _ratio(net, adj),
+            f"{max(v for k, v in diffs.items() if 'network' in k):.2e}"])
     title = (f"All-source DICE-E^(r), n={prob.n} {prob.info['topology']}, digits MLP "
              f"({prob.num_params} params), SGD lr {prob.lr}, float32, step t={prob.step}; "
              f"median of {len(next(iter(methods.values())).times)} (seconds, all {prob.n} "
              f"sources)")
     net_title = "Network-level first-order influence at horizon h (every end node)"
+    peak = machine["matmul"]
     machine_line = (f"machine: {machine['platform']} | {machine['cpu']} | cpu_count "
-                    f"{machine['cpu_count']} | jax {machine['jax']} | device "
-                    f"{machine['device']} ({machine['backend']}) | matmul "
-                    f"{machine['matmul_gflops_f32_1024']:.0f} GFLOP/s | load avg "
-                    f"{machine['load_average'][0]:.1f} -> {machine['load_average_end'][0]:.1f}")
-    notes = ["naive = walk enumeration, each walk from scratch (the reference's algorithm); "
-             "prefix = shared walk prefixes (stronger than the reference)",
-             "max rel diff = max_j |baseline_j − dicejax_j| / max_j |dicejax_j| "
-             f"(asserted < {TOLERANCE:g})"]
+                    f"{machine['cpu_count']} | jax {machine['jax']} | torch "
+                    f"{machine.get('torch')} | device {machine['device']} "
+                    f"({machine['backend']}) | matmul f32 {peak['size']}²: XLA "
+                    f"{peak['jax_gflops']:.0f}, torch {peak['torch_gflops'] or float('nan'):.0f}"
+                    f" GFLOP/s | load avg {machine['load_average'][0]:.1f} -> "
+                    f"{machine['load_average_end'][0]:.1f}")
+    notes = ["torch walks = the reference's algorithm in eager PyTorch (every walk from "
+             "scratch, double-backward HVPs, one (node, batch) at a time); JAX naive = the "
+             "same walks with each walk's HVP chain jitted; prefix = shared walk prefixes "
+             "(stronger than the reference)",
+             "max rel diff = max_j |baseline_j − dicejax_j| / max_j |dicejax_j| over all "
+             f"baselines (asserted < {TOLERANCE:g}; torch re-trains the run itself)"]
+    one = methods.get((1, "torch_one_hop"))
+    if one is not None:
+        notes.append(f"torch one-hop (Proposition 1 as the reference computes it): "
+                     f"{_fmt_s(one)} s, dice_e r=1 {_ratio(one, methods[1, 'dice_e'])} faster")
     extrap = [m for m in methods.values() if m.extrapolated]
     for m in extrap:
         notes.append(f"* {m.name} r={m.hops}: timed on {len(m.sources)}/{m.n} sources "
@@ -525,39 +543,22 @@ def print_tables(rows: list[dict], methods: dict, machine: dict, prob: Problem) 
         console.print(note, highlight=False)
 
 
-def write_json(path: Path, obj: Any) -> Path:
-    """Writes JSON atomically: a temporary file in the same folder, then ``os.replace``."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(to_jsonable(obj), f, indent=2)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; give it a normal file's mode
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
-    machine = machine_info()
-    machine["matmul_gflops_f32_1024"] = matmul_gflops()
-    machine["git"] = git_state()
+    machine = common.machine_info()
+    machine["matmul"] = common.matmul_peak(2048, None if tb is None else "cpu")
+    machine["git"] = common.git_state()
     wall = time.perf_counter()
-    prob = make_problem(args.nodes, max(args.hops), args.step)
+    use_torch = tb is not None and not args.no_torch
+    prob = make_problem(args.nodes, max(args.hops), args.step, with_torch=use_torch)
     n, t = prob.n, prob.step
     print(f"problem: {prob.info['topology']}, out-degree {sorted(set(prob.info['out_degree']))}, "
           f"{prob.num_params} params {prob.info['param_dtypes']}, step t={t}, "
-          f"hops {args.hops}, repeats {args.repeats}", flush=True)
+          f"hops {args.hops}, repeats {args.repeats}, torch baselines {use_torch}", flush=True)
 
     methods: dict[tuple[int, str], Method] = {}
     for r in args.hops:
-        for m in (
+        candidates = [
             Method("walks_naive", "walks", r,
                    lambda s, dry=False, r=r: walks_naive(prob, r, s, dry)),
             Method("walks_prefix", "walks", r,
@@ -569,7 +570,18 @@ def main(argv: Sequence[str] | None = None) -> int:
             Method("dice_e_network", "dicejax", r,
                    lambda r=r: dice_e_network(prob.loss_fn, prob.traj, prob.probe, step=t,
                                               horizon=r)),
-        ):
+        ]
+        if use_torch:
+            candidates += [
+                Method("torch_walks", "walks", r,
+                       lambda s, dry=False, r=r: torch_walks(prob, r, s, dry)),
+                Method("torch_network_walks", "walks", r,
+                       lambda s, dry=False, r=r: torch_walks(prob, r, s, dry, network=True)),
+            ]
+            if r == 1:
+                candidates.append(Method("torch_one_hop", "walks", r,
+                                         lambda s, dry=False: torch_one_hop(prob, s, dry)))
+        for m in candidates:
             prepare(m, n, args.budget, args.repeats)
             methods[r, m.name] = m
         print(f"compiled r={r}; walk sources timed: "
@@ -586,28 +598,31 @@ def main(argv: Sequence[str] | None = None) -> int:
         fwd, adj = methods[r, "dice_e"].result, methods[r, "dice_e_network"].result
         diffs = {}
         for name, ref in (("walks_naive", fwd), ("walks_prefix", fwd),
-                          ("network_walks_naive", adj)):
+                          ("network_walks_naive", adj), ("torch_walks", fwd),
+                          ("torch_network_walks", adj), ("torch_one_hop", fwd)):
+            if (r, name) not in methods:
+                continue
             m = methods[r, name]
             diffs[name] = _rel_diff(m.result, np.asarray(ref)[m.sources])
             if not diffs[name] < TOLERANCE:
                 failures.append(f"r={r} {name}: max rel diff {diffs[name]:.3e} >= {TOLERANCE}")
+        speedup = {}
+        for base, ours in (("walks_naive", "dice_e"), ("walks_prefix", "dice_e"),
+                           ("torch_walks", "dice_e"), ("torch_one_hop", "dice_e"),
+                           ("network_walks_naive", "dice_e_network"),
+                           ("torch_network_walks", "dice_e_network")):
+            if (r, base) in methods:
+                speedup[f"{ours}_vs_{base}"] = methods[r, base].median / methods[r, ours].median
         rows.append({
             "hops": r,
             "rel_diff": diffs,
-            "speedup": {
-                "dice_e_vs_walks_naive": methods[r, "walks_naive"].median
-                / methods[r, "dice_e"].median,
-                "dice_e_vs_walks_prefix": methods[r, "walks_prefix"].median
-                / methods[r, "dice_e"].median,
-                "dice_e_network_vs_network_walks_naive":
-                methods[r, "network_walks_naive"].median / methods[r, "dice_e_network"].median,
-            },
+            "speedup": speedup,
             "methods": {name: methods[r, name].summary() for (rr, name) in methods if rr == r},
             "dice_e": np.asarray(fwd),
             "dice_e_network": np.asarray(adj),
         })
 
-    machine["load_average_end"] = list(os.getloadavg()) if hasattr(os, "getloadavg") else None
+    machine["load_average_end"] = common.load_average()
     print_tables(rows, methods, machine, prob)
     total = time.perf_counter() - wall
     print(f"total wall time {total:.1f} s", flush=True)
@@ -617,14 +632,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         "problem": {**prob.info, "nodes": n, "num_params": prob.num_params, "dtype": "float32",
                     "optimizer": "sgd", "node_weights": "uniform 1/n"},
         "settings": {"repeats": args.repeats, "hops": args.hops, "budget_s": args.budget,
-                     "quick": args.quick, "tolerance": TOLERANCE,
+                     "quick": args.quick, "tolerance": TOLERANCE, "torch": use_torch,
                      "rel_diff": "max_j |baseline_j - dicejax_j| / max_j |dicejax_j|"},
         "results": rows,
         "passed": not failures,
         "failures": failures,
         "wall_s": total,
     }
-    out = write_json(args.out, result)
+    out = common.write_json(args.out, result)
     print(f"wrote {out}")
     if failures:
         print("NUMERICAL DISAGREEMENT:\n  " + "\n  ".join(failures), file=sys.stderr)
