@@ -256,9 +256,9 @@ def e_brute_jacobians(loss_fn, traj, probe, t, hops, q):
     return out
 
 
-def proximal_brute(loss_fn, traj, probe, t, q):
+def proximal_brute(loss_fn, traj, probe, t, q, weighted=True):
     n = traj.num_nodes
-    W = np.asarray(traj.matrix_at(t))
+    W = np.asarray(traj.matrix_at(t)) if weighted else np.ones((n, n))
     out = np.zeros((n, n))
     for k in range(n):
         g = _grad(loss_fn)(node(traj.params, t + 1, k), probe)

@@ -1,7 +1,7 @@
-"""Applications of DICE influence: anomaly detection (and, later, collaborator selection and
-contribution accounting). Apps compose the core; they import no CLI or plotting code."""
+"""Applications of DICE influence: anomaly detection, collaborator selection and
+contribution accounting. Apps compose the core; they import no CLI or plotting code."""
 
-from dicejax.apps import anomaly
+from dicejax.apps import anomaly, collaborators, contribution
 from dicejax.apps.anomaly import (
     Detection,
     DetectionMetrics,
@@ -20,6 +20,8 @@ __all__ = [
     "DetectionMetrics",
     "accumulate",
     "anomaly",
+    "collaborators",
+    "contribution",
     "detect",
     "edge_labels",
     "evaluate",

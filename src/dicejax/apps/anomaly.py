@@ -55,19 +55,14 @@ attacker.
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Sequence
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from dicejax.influence.proximal import _proximal
-from dicejax.influence.rollout import check_query
-from dicejax.simulate import LossFn, Trajectory
-
-PyTree = Any
+from dicejax.influence.proximal import proximal_steps
 
 #: Consistency constant: ``1.4826 · MAD`` estimates the standard deviation of a normal sample.
 MAD_TO_STD = 1.4826
@@ -118,37 +113,7 @@ class DetectionMetrics(NamedTuple):
 
 
 # ---------------------------------------------------------------------------------------------
-# Proximal influence over a window
-
-
-@functools.partial(jax.jit, static_argnames=("loss_fn",))
-def _window(loss_fn, traj, probe, steps, q):
-    return jax.lax.map(lambda t: _proximal(loss_fn, traj, probe, t, q), steps)
-
-
-def proximal_steps(loss_fn: LossFn, traj: Trajectory, probe: PyTree, start: int = 0,
-                   stop: int | None = None,
-                   node_weights: jax.Array | None = None) -> jax.Array:
-    """Proximal influence at every step of a window, in one jitted pass.
-
-    Args:
-      loss_fn: one node's loss.
-      traj: recorded trajectory (``record=True``).
-      probe: probe batch ``z'``.
-      start: first step (local index).
-      stop: one past the last step (default ``T``).
-      node_weights: ``q`` ``[n]`` (default ``1/n``).
-
-    Returns:
-      ``[stop − start, n, n]``; entry ``[s, k, j]`` is
-      :func:`dicejax.influence.proximal` at step ``start + s``.
-    """
-    stop = traj.num_steps if stop is None else stop
-    if not isinstance(stop, int | np.integer) or stop <= start:
-        raise ValueError(f"stop: must be an integer above start={start}, got {stop!r}")
-    q = check_query(traj, probe, start, stop - start, node_weights, loss_fn)
-    dtype = jax.tree.leaves(traj.params)[0].dtype
-    return _window(loss_fn, traj, probe, jnp.arange(start, stop), q.astype(dtype))
+# Proximal influence over a window (:func:`dicejax.influence.proximal_steps`)
 
 
 def accumulate(prox: jax.Array, matrices: jax.Array, normalize: bool = True) -> jax.Array:

@@ -4,4 +4,4 @@ Each module here defines ``register(subparsers)``, which adds one sub-command wh
 calls an experiment function, prints a table and saves JSON and figures.
 """
 
-MODULES: tuple[str, ...] = ("cascade", "contribute", "detect", "topo_opt")
+MODULES: tuple[str, ...] = ("cascade", "contribute", "detect", "rewire", "topo_opt")

@@ -17,7 +17,6 @@ influence of every step; finally every node scores its in-neighbours and flags o
 from __future__ import annotations
 
 import dataclasses
-import functools
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -28,7 +27,15 @@ import numpy as np
 
 from dicejax import attacks
 from dicejax.apps import anomaly
-from dicejax.experiments.common import RunConfig, build, make_optimizer
+from dicejax.experiments.common import (
+    RunConfig,
+    Setup,
+    build,
+    cached_optimizer,
+    evaluate_params,
+    pick_attackers,
+    summarize,
+)
 from dicejax.simulate import final_state, simulate
 
 DATA_ATTACKS = ("label_permutation", "label_flip", "gaussian_noise")
@@ -36,31 +43,46 @@ UPDATE_ATTACKS = ("sign_flip", "free_rider")
 ATTACKS = DATA_ATTACKS + UPDATE_ATTACKS
 
 
-@functools.cache
-def _optimizer(name: str, lr: float):
-    return make_optimizer(name, lr)
+def corruption_for(attack: str, std: float = 10.0, target: int = 0) -> attacks.Corruption | None:
+    """The batch corruption of a data attack (``None`` for update attacks).
+
+    Args:
+      attack: one of :data:`ATTACKS`.
+      std: noise standard deviation for ``gaussian_noise``.
+      target: class for ``label_flip``.
+    """
+    if attack not in ATTACKS:
+        raise ValueError(f"attack: must be one of {ATTACKS}, got {attack!r}")
+    if attack == "gaussian_noise":
+        return attacks.gaussian_noise(std)
+    if attack == "label_flip":
+        return attacks.label_flip(target)
+    if attack == "label_permutation":
+        return attacks.label_permutation()
+    return None
 
 
-def _attackers_for(attackers: int | Sequence[int] | None, n: int, seed: int) -> list[int]:
-    """The attacking nodes of one seed: the given list, or ``attackers`` random ones."""
-    if attackers is None:
-        attackers = 1
-    if isinstance(attackers, int | np.integer) and not isinstance(attackers, bool):
-        if not 1 <= attackers < n:
-            raise ValueError(f"attackers: a count must lie in [1, {n}), got {attackers}")
-        rng = np.random.default_rng(np.random.SeedSequence(seed, spawn_key=(0xA77AC,)))
-        return sorted(rng.choice(n, size=int(attackers), replace=False).tolist())
-    chosen = sorted({int(a) for a in attackers})
-    if not chosen or chosen[0] < 0 or chosen[-1] >= n:
-        raise ValueError(f"attackers: node indices must be non-empty and lie in [0, {n}), "
-                         f"got {list(attackers)}")
-    return chosen
+def apply_attack(setup: Setup, attack: str, corruption: attacks.Corruption | None,
+                 attackers: Sequence[int], seed: int) -> tuple[Any, jax.Array | None]:
+    """The attacked run's batches and update gates.
 
+    Args:
+      setup: the built run (its ``batches`` are ``[T, n, B, ...]``).
+      attack: one of :data:`ATTACKS`.
+      corruption: :func:`corruption_for` ``(attack)``.
+      attackers: the attacking node indices.
+      seed: seeds the corruption.
 
-def _summary(values: list[float]) -> dict[str, float]:
-    v = np.asarray(values, np.float64)
-    return {"mean": float(v.mean()), "std": float(v.std()), "min": float(v.min()),
-            "max": float(v.max())}
+    Returns:
+      ``(batches, update_scale)``: corrupted batches for a data attack (``update_scale``
+      ``None``), or the clean batches and ``[T, n]`` gates for an update attack.
+    """
+    T, n = jax.tree.leaves(setup.batches)[0].shape[:2]
+    if attack in DATA_ATTACKS:
+        mask = attacks.attack_mask(T, n, list(attackers))
+        return jax.jit(corruption)(setup.batches, mask, jax.random.PRNGKey(seed)), None
+    dtype = jnp.result_type(jax.tree.leaves(setup.params)[0])
+    return setup.batches, attacks.UPDATE_ATTACKS[attack](T, n, list(attackers), dtype=dtype)
 
 
 def detection(
@@ -120,17 +142,12 @@ def detection(
         raise ValueError(f"threshold: must be a finite number, got {threshold!r}")
     if isinstance(chunk_steps, bool) or not isinstance(chunk_steps, int) or chunk_steps < 1:
         raise ValueError(f"chunk_steps: must be a positive integer, got {chunk_steps!r}")
-    if attack == "gaussian_noise":
-        corruption = attacks.gaussian_noise(std)
-    elif attack == "label_flip":
-        corruption = attacks.label_flip(target)
-    else:
-        corruption = attacks.label_permutation()
-    _attackers_for(attackers, config.nodes, 0)  # validate before any work
+    corruption = corruption_for(attack, std, target)
+    pick_attackers(attackers, config.nodes, 0)  # validate before any work
 
     # One optimizer object for every seed (and call): it is a static argument of the jitted
     # run, so a fresh one per seed would recompile everything.
-    optimizer = _optimizer(config.optimizer, config.lr)
+    optimizer = cached_optimizer(config.optimizer, config.lr)
     start = time.perf_counter()
     per_seed = []
     for i, seed in enumerate(seeds):
@@ -151,11 +168,11 @@ def detection(
         "normalize": normalize,
         "seeds": seeds,
         "per_seed": per_seed,
-        "roc_auc": _summary([r["roc_auc"] for r in per_seed]),
-        "precision": _summary([r["precision"] for r in per_seed]),
-        "recall": _summary([r["recall"] for r in per_seed]),
-        "top1": _summary([r["top1"] for r in per_seed]),
-        "honest_accuracy": _summary([r["honest_accuracy"] for r in per_seed]),
+        "roc_auc": summarize([r["roc_auc"] for r in per_seed]),
+        "precision": summarize([r["precision"] for r in per_seed]),
+        "recall": summarize([r["recall"] for r in per_seed]),
+        "top1": summarize([r["top1"] for r in per_seed]),
+        "honest_accuracy": summarize([r["honest_accuracy"] for r in per_seed]),
         "wall_seconds": time.perf_counter() - start,
     }
 
@@ -168,13 +185,8 @@ def _one_seed(config: RunConfig, attack: str, corruption: attacks.Corruption,
     tic = time.perf_counter()
     setup = build(config, dtype)._replace(optimizer=optimizer)
     T, n = config.steps, config.nodes
-    chosen = _attackers_for(attackers, n, config.seed)
-    batches, scale = setup.batches, None
-    if attack in DATA_ATTACKS:
-        mask = attacks.attack_mask(T, n, chosen)
-        batches = jax.jit(corruption)(batches, mask, jax.random.PRNGKey(config.seed))
-    else:
-        scale = attacks.UPDATE_ATTACKS[attack](T, n, chosen, dtype=_float(setup.params))
+    chosen = pick_attackers(attackers, n, config.seed)
+    batches, scale = apply_attack(setup, attack, corruption, chosen, config.seed)
 
     def run(lo, hi, state, record):
         return simulate(setup.loss_fn, setup.params, jax.tree.map(lambda x: x[lo:hi], batches),
@@ -202,7 +214,7 @@ def _one_seed(config: RunConfig, attack: str, corruption: attacks.Corruption,
     scores = np.nan_to_num(np.asarray(det.scores, np.float64), posinf=np.finfo(float).max,
                            neginf=-np.finfo(float).max)
     fpr, tpr, _ = roc_curve(labels[edges], scores[edges])
-    acc = _evaluate(setup.eval_fn, state.params, setup.test)
+    acc = evaluate_params(setup.eval_fn, state.params, setup.test)
     honest = np.setdiff1d(np.arange(n), chosen)
     return {
         "seed": config.seed,
@@ -217,13 +229,5 @@ def _one_seed(config: RunConfig, attack: str, corruption: attacks.Corruption,
     }
 
 
-@functools.partial(jax.jit, static_argnames=("eval_fn",))
-def _evaluate(eval_fn, params, batch):
-    return jax.vmap(eval_fn, in_axes=(0, None))(params, batch)
-
-
-def _float(params) -> Any:
-    return jnp.result_type(jax.tree.leaves(params)[0])
-
-
-__all__ = ["ATTACKS", "DATA_ATTACKS", "UPDATE_ATTACKS", "detection"]
+__all__ = ["ATTACKS", "DATA_ATTACKS", "UPDATE_ATTACKS", "apply_attack", "corruption_for",
+           "detection"]

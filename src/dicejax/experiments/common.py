@@ -7,10 +7,11 @@ return plain data (dicts of numbers and arrays) that the CLI prints and plots.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -113,6 +114,55 @@ def make_optimizer(name: str, lr: float) -> optax.GradientTransformation:
     if name == "adam":
         return optax.adam(lr)
     raise ValueError(f"optimizer: must be one of {OPTIMIZERS}, got {name!r}")
+
+@functools.cache
+def cached_optimizer(name: str, lr: float) -> optax.GradientTransformation:
+    """:func:`make_optimizer`, one object per ``(name, lr)``.
+
+    The optimizer is a static argument of the jitted run: reusing one object across seeds
+    and calls avoids recompiling everything.
+    """
+    return make_optimizer(name, lr)
+
+
+def pick_attackers(attackers: int | Sequence[int] | None, n: int, seed: int) -> list[int]:
+    """The attacking nodes of one seed: the given list, or ``attackers`` random ones.
+
+    Args:
+      attackers: node indices, a count of nodes drawn at random (seeded by ``seed``), or
+        ``None`` for one random attacker.
+      n: number of nodes.
+      seed: seeds the draw.
+
+    Returns:
+      Sorted node indices.
+    """
+    if attackers is None:
+        attackers = 1
+    if isinstance(attackers, int | np.integer) and not isinstance(attackers, bool):
+        if not 1 <= attackers < n:
+            raise ValueError(f"attackers: a count must lie in [1, {n}), got {attackers}")
+        rng = np.random.default_rng(np.random.SeedSequence(seed, spawn_key=(0xA77AC,)))
+        return sorted(rng.choice(n, size=int(attackers), replace=False).tolist())
+    chosen = sorted({int(a) for a in attackers})
+    if not chosen or chosen[0] < 0 or chosen[-1] >= n:
+        raise ValueError(f"attackers: node indices must be non-empty and lie in [0, {n}), "
+                         f"got {list(attackers)}")
+    return chosen
+
+
+def summarize(values: Sequence[float]) -> dict[str, float]:
+    """Mean, standard deviation, minimum and maximum of a list of numbers."""
+    v = np.asarray(values, np.float64)
+    return {"mean": float(v.mean()), "std": float(v.std()), "min": float(v.min()),
+            "max": float(v.max())}
+
+
+@functools.partial(jax.jit, static_argnames=("eval_fn",))
+def evaluate_params(eval_fn: Callable[[Any, Any], dict], params: Any, batch: Any) -> dict:
+    """``eval_fn`` of every node's parameters (leaves ``[n, ...]``) on one shared batch."""
+    return jax.vmap(eval_fn, in_axes=(0, None))(params, batch)
+
 
 
 def make_topology(name: str, n: int, seed: int = 0) -> topo_lib.Topology:

@@ -14,7 +14,12 @@ from dicejax.influence.cascade import (
     gt_cascade,
 )
 from dicejax.influence.ledger import Ledger, ledger, per_sample, trajectory_attribution
-from dicejax.influence.proximal import neighbourhood_factor, proximal, reciprocity
+from dicejax.influence.proximal import (
+    neighbourhood_factor,
+    proximal,
+    proximal_steps,
+    reciprocity,
+)
 from dicejax.influence.rollout import shells
 
 __all__ = [
@@ -30,6 +35,7 @@ __all__ = [
     "neighbourhood_factor",
     "per_sample",
     "proximal",
+    "proximal_steps",
     "reciprocity",
     "shells",
     "trajectory_attribution",

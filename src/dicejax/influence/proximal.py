@@ -8,6 +8,11 @@ compute locally::
 (for SGD ``−η q_k W^t[k, j] ∇L(θ_j^t; z_j^t) · ∇L(θ_k^{t+1}; z')``). It is the first hop of the
 DICE-E cascade, ``e_cascade(...).matrix[0]``, computed here with one ``[n, P] × [P, n]``
 product. Negative = ``j``'s update helped ``k``.
+
+With ``weighted=False`` the mixing weight is left out: ``q_k g_k^{t+1} · v_j^t`` for *every*
+pair, i.e. what ``k``'s probe loss would gain from ``j``'s update per unit of weight. Node
+``k`` can compute it for any node whose update it sees, whether or not it currently mixes
+it in — the quantity collaborator selection (:mod:`dicejax.apps.collaborators`) ranks.
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from dicejax.influence.rollout import check_query
 from dicejax.simulate import LossFn, Trajectory
@@ -29,16 +35,23 @@ def _flat(tree: PyTree) -> jax.Array:
     return jnp.concatenate([x.reshape(x.shape[0], -1) for x in leaves], axis=1)
 
 
-@functools.partial(jax.jit, static_argnames=("loss_fn",))
-def _proximal(loss_fn, traj, probe, t, q):
+@functools.partial(jax.jit, static_argnames=("loss_fn", "weighted"))
+def _proximal(loss_fn, traj, probe, t, q, weighted=True):
     theta = jax.tree.map(lambda x: x[t], traj.params)
     half = jax.tree.map(lambda x: x[t], traj.half_params)
     nxt = jax.tree.map(lambda x: x[t + 1], traj.params)
     g = jax.vmap(jax.grad(lambda p: loss_fn(p, probe)))(nxt)
     v = jax.tree.map(jnp.subtract, half, theta)
     dots = jnp.matmul(_flat(g), _flat(v).T, precision=jax.lax.Precision.HIGHEST)  # [k, j]
+    if not weighted:
+        return q[:, None] * dots
     W = traj.mixer.matrix_at(traj.start_step + t).astype(dots.dtype)
     return q[:, None] * W * dots
+
+
+@functools.partial(jax.jit, static_argnames=("loss_fn", "weighted"))
+def _window(loss_fn, traj, probe, steps, q, weighted):
+    return jax.lax.map(lambda t: _proximal(loss_fn, traj, probe, t, q, weighted), steps)
 
 
 def proximal(
@@ -47,6 +60,7 @@ def proximal(
     probe: PyTree,
     step: int,
     node_weights: jax.Array | None = None,
+    weighted: bool = True,
 ) -> jax.Array:
     """Proximal influence of every in-neighbour on every node at step ``t``.
 
@@ -56,6 +70,8 @@ def proximal(
       probe: probe batch ``z'``.
       step: local step index ``t`` (``t + 1 <= T``).
       node_weights: ``q`` ``[n]`` (default ``1/n``).
+      weighted: include the mixing weight ``W^t[k, j]`` (Definition 4); ``False`` gives the
+        per-unit-weight influence ``q_k g_k^{t+1} · v_j`` of every node on every node.
 
     Returns:
       ``[n, n]``; ``[k, j]`` is ``q_k W^t[k, j] g_k^{t+1} · v_j`` (zero where ``W^t[k, j] = 0``;
@@ -63,7 +79,37 @@ def proximal(
     """
     q = check_query(traj, probe, step, 1, node_weights, loss_fn)
     dtype = jax.tree.leaves(traj.params)[0].dtype
-    return _proximal(loss_fn, traj, probe, jnp.asarray(step), q.astype(dtype))
+    return _proximal(loss_fn, traj, probe, jnp.asarray(step), q.astype(dtype), bool(weighted))
+
+
+def proximal_steps(loss_fn: LossFn, traj: Trajectory, probe: PyTree, start: int = 0,
+                   stop: int | None = None, node_weights: jax.Array | None = None,
+                   weighted: bool = True, stride: int = 1) -> jax.Array:
+    """Proximal influence at every step of a window, in one jitted pass.
+
+    Args:
+      loss_fn: one node's loss.
+      traj: recorded trajectory (``record=True``).
+      probe: probe batch ``z'``.
+      start: first step (local index).
+      stop: one past the last step (default ``T``).
+      node_weights: ``q`` ``[n]`` (default ``1/n``).
+      weighted: see :func:`proximal`.
+      stride: score every ``stride``-th step (``start, start + stride, ...``).
+
+    Returns:
+      ``[S, n, n]`` with ``S = ceil((stop − start) / stride)``; entry ``[s, k, j]`` is
+      :func:`proximal` at step ``start + s · stride``.
+    """
+    stop = traj.num_steps if stop is None else stop
+    if not isinstance(stop, int | np.integer) or stop <= start:
+        raise ValueError(f"stop: must be an integer above start={start}, got {stop!r}")
+    if isinstance(stride, bool) or not isinstance(stride, int | np.integer) or stride < 1:
+        raise ValueError(f"stride: must be a positive integer, got {stride!r}")
+    q = check_query(traj, probe, start, stop - start, node_weights, loss_fn)
+    dtype = jax.tree.leaves(traj.params)[0].dtype
+    return _window(loss_fn, traj, probe, jnp.arange(start, stop, stride), q.astype(dtype),
+                   bool(weighted))
 
 
 def reciprocity(prox: jax.Array, eps: float = 0.0) -> jax.Array:

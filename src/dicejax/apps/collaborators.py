@@ -1,0 +1,279 @@
+"""Collaborator selection: influence-guided rewiring during training.
+
+Every node ``k`` has a fixed pool of *candidates* — the nodes whose updates it can receive
+(by default its in-neighbours in the starting graph) — and mixes in only some of them. It
+ranks candidates by how much their updates helped its own probe loss::
+
+    G^t[k, j] = q_k g_k^{t+1} · v_j^t        (< 0: j's update lowered k's probe loss)
+
+the proximal influence of Definition 4 per unit of mixing weight
+(:func:`dicejax.influence.proximal_steps` with ``weighted=False``). ``k`` can compute it for
+every candidate, mixed in or not, because it only needs ``j``'s update ``v_j``, not ``j``'s
+weight in ``k``'s row; so a neighbour dropped early is still watched and can come back.
+
+The rule (:func:`update`): every ``period`` steps, node ``k``
+
+1. **accumulates** ``I[k, j] ← decay^S · I[k, j] + Σ_s decay^{S−1−s} G^s[k, j]`` over the
+   ``S`` scored steps of the period (every step, or every ``stride``-th; ``decay = 1``:
+   plain sum over the run so far);
+2. **keeps** the ``keep`` candidates with the lowest (most helpful) ``I[k, j]``, ties broken
+   by the lower node index (:func:`select`);
+3. **re-weights** its row uniformly over itself and the kept candidates:
+   ``W[k, j] = 1 / (m_k + 1)`` with ``m_k = min(keep, #candidates of k)`` — the row stays
+   stochastic and the graph's degree is bounded by ``keep``.
+
+:func:`rewire` runs training with this rule: ``simulate`` one period at a time from the last
+state, with the period's weights, recording the period to score it. It returns the exact
+per-step weight schedule, so the same run can be replayed with
+``simulate(..., schedule[:, ...])`` bit for bit.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from dicejax import topology as topo_lib
+from dicejax.influence.proximal import proximal_steps
+from dicejax.simulate import LossFn, NodeState, final_state, simulate
+
+PyTree = Any
+
+
+class RewireState(NamedTuple):
+    """State of influence-guided rewiring.
+
+    Attributes:
+      influence: ``[n, n]`` discounted accumulated per-unit-weight proximal influence
+        ``I[k, j]`` (zero outside the candidates).
+      matrix: ``[n, n]`` the row-stochastic mixing weights in use.
+      candidates: ``[n, n]`` bool, ``j`` may send to ``k`` (``j ≠ k``).
+      count: number of rewirings so far (int32 scalar).
+    """
+
+    influence: jax.Array
+    matrix: jax.Array
+    candidates: jax.Array
+    count: jax.Array
+
+
+def _check_matrix(matrix, name: str) -> jax.Array:
+    matrix = jnp.asarray(matrix)
+    if matrix.ndim != 2 or matrix.shape[0] != matrix.shape[1]:
+        raise ValueError(f"{name}: must be a square [n, n] matrix, got shape {matrix.shape}")
+    return matrix
+
+
+def _check_keep(keep) -> int:
+    if isinstance(keep, bool) or not isinstance(keep, int | np.integer) or keep < 0:
+        raise ValueError(f"keep: must be a non-negative integer, got {keep!r}")
+    return int(keep)
+
+
+def select(influence: jax.Array, candidates: jax.Array, keep: int) -> jax.Array:
+    """Each node keeps its ``keep`` most helpful candidates, uniformly weighted.
+
+    Args:
+      influence: ``[n, n]`` accumulated influence ``I[k, j]`` (lower = more helpful).
+      candidates: ``[n, n]`` bool; the diagonal is ignored (a node always keeps itself).
+      keep: in-neighbours kept per node (fewer if a node has fewer candidates).
+
+    Returns:
+      ``[n, n]`` row-stochastic ``W``: ``1 / (m_k + 1)`` on ``k`` and its ``m_k`` kept
+      candidates, zero elsewhere.
+    """
+    influence = _check_matrix(influence, "influence")
+    candidates = _check_matrix(candidates, "candidates")
+    if candidates.shape != influence.shape or candidates.dtype != jnp.bool_:
+        raise ValueError(f"candidates: must be a bool matrix shaped like influence "
+                         f"{influence.shape}, got {candidates.shape} of {candidates.dtype}")
+    if not bool(jnp.all(jnp.isfinite(jnp.where(candidates, influence, 0)))):
+        raise ValueError("influence: non-finite values on candidate edges")
+    return _select(influence, candidates, _check_keep(keep))
+
+
+@jax.jit
+def _select(influence, candidates, keep):
+    n = influence.shape[0]
+    cand = candidates & ~jnp.eye(n, dtype=bool)
+    scores = jnp.where(cand, influence, jnp.inf)
+    order = jnp.argsort(scores, axis=1, stable=True)  # ties: lower index first
+    rank = jnp.argsort(order, axis=1, stable=True)
+    kept = cand & (rank < keep)
+    mask = kept | jnp.eye(n, dtype=bool)
+    w = mask.astype(influence.dtype)
+    return w / w.sum(axis=1, keepdims=True)
+
+
+def init(topology: topo_lib.Topology | jax.Array,
+         candidates: jax.Array | None = None, dtype: Any = None) -> RewireState:
+    """Starts from a static mixing matrix.
+
+    Args:
+      topology: the starting ``[n, n]`` row-stochastic weights (a static
+        :class:`~dicejax.topology.Topology` or an array).
+      candidates: ``[n, n]`` bool pool of allowed senders (default: the starting graph's
+        in-neighbours, ``W[k, j] > 0``, ``j ≠ k``).
+      dtype: float dtype of the influence and weights (default: the matrix's).
+
+    Returns:
+      A :class:`RewireState` with zero influence.
+    """
+    if isinstance(topology, topo_lib.Topology):
+        if topology.is_time_varying:
+            raise ValueError("topology: must be static [n, n]; rewiring replaces the weights")
+        matrix = jnp.asarray(topology.matrix)
+    else:
+        matrix = _check_matrix(topology, "topology")
+        topo_lib.validate_mixing(matrix, name="topology")
+    n = matrix.shape[0]
+    if candidates is None:
+        candidates = matrix > 0
+    candidates = _check_matrix(candidates, "candidates")
+    if candidates.shape != (n, n) or candidates.dtype != jnp.bool_:
+        raise ValueError(f"candidates: must be a bool [{n}, {n}] matrix, got "
+                         f"{candidates.shape} of {candidates.dtype}")
+    candidates = candidates & ~jnp.eye(n, dtype=bool)
+    dtype = matrix.dtype if dtype is None else dtype
+    return RewireState(jnp.zeros((n, n), dtype), matrix.astype(dtype), candidates,
+                       jnp.zeros((), jnp.int32))
+
+
+def update(state: RewireState, influence_steps: jax.Array, keep: int,
+           decay: float = 1.0) -> RewireState:
+    """Accumulates one period's influence and rewires.
+
+    Args:
+      state: current :class:`RewireState`.
+      influence_steps: ``[S, n, n]`` per-step, per-unit-weight proximal influence of the
+        period (:func:`dicejax.influence.proximal_steps` with ``weighted=False``).
+      keep: in-neighbours kept per node.
+      decay: per-step discount of older evidence, in ``(0, 1]``.
+
+    Returns:
+      The new :class:`RewireState` (new ``influence`` and ``matrix``, ``count + 1``).
+    """
+    g = jnp.asarray(influence_steps)
+    n = state.matrix.shape[0]
+    if g.ndim != 3 or g.shape[1:] != (n, n) or g.shape[0] < 1:
+        raise ValueError(f"influence_steps: must be [S, {n}, {n}] with S >= 1, got {g.shape}")
+    if not (isinstance(decay, int | float) and 0 < decay <= 1):
+        raise ValueError(f"decay: must lie in (0, 1], got {decay!r}")
+    keep = _check_keep(keep)
+    S = g.shape[0]
+    weights = jnp.asarray(decay, g.dtype) ** jnp.arange(S - 1, -1, -1, dtype=g.dtype)
+    total = decay ** S * state.influence + jnp.einsum("s,skj->kj", weights, g)
+    total = jnp.where(state.candidates, total, 0).astype(state.influence.dtype)
+    matrix = select(total, state.candidates, keep).astype(state.matrix.dtype)
+    return RewireState(total, matrix, state.candidates, state.count + 1)
+
+
+class RewireResult(NamedTuple):
+    """A training run with influence-guided rewiring.
+
+    Attributes:
+      state: final :class:`~dicejax.simulate.NodeState`.
+      schedule: ``[T, n, n]`` the weights used at every step (replay with
+        ``simulate(..., topo=schedule)``).
+      rewire: final :class:`RewireState`.
+      loss: ``[T, n]`` training loss of every node at every step.
+    """
+
+    state: NodeState
+    schedule: jax.Array
+    rewire: RewireState
+    loss: jax.Array
+
+
+def rewire(
+    loss_fn: LossFn,
+    params: PyTree,
+    batches: PyTree,
+    topology: topo_lib.Topology | jax.Array,
+    optimizer: optax.GradientTransformation,
+    probe: PyTree,
+    keep: int,
+    period: int = 25,
+    *,
+    candidates: jax.Array | None = None,
+    decay: float = 1.0,
+    update_scale: jax.Array | None = None,
+    node_weights: jax.Array | None = None,
+    stride: int = 1,
+    chooser: Callable[[RewireState, jax.Array | None, int], RewireState] | None = None,
+    score: bool = True,
+    callback: Callable[[int, RewireState], None] | None = None,
+) -> RewireResult:
+    """Decentralized training in which every node periodically re-chooses its collaborators.
+
+    Steps ``[0, period)`` use the starting weights; after each period every node updates its
+    accumulated influence and re-selects (:func:`update`), and the next period runs with the
+    new weights. Each period is simulated with ``record=True`` (memory
+    ``O(period · n · P)``) and scored with :func:`dicejax.influence.proximal_steps`.
+
+    Args:
+      loss_fn: one node's training loss.
+      params: stacked initial parameters, leaves ``[n, ...]``.
+      batches: leaves ``[T, n, B, ...]``.
+      topology: static starting weights ``[n, n]``.
+      optimizer: optax optimizer of every node.
+      probe: the probe batch ``z'`` by which nodes judge candidates (shared; a node would
+        use its own validation data in practice).
+      keep: in-neighbours kept per node.
+      period: steps between rewirings.
+      candidates: ``[n, n]`` bool allowed senders (default: the starting in-neighbours).
+      decay: per-step discount of older influence (``1`` = plain sum).
+      update_scale: ``[T, n]`` gates of the local updates (attackers; see
+        :mod:`dicejax.attacks`).
+      node_weights: ``q`` ``[n]`` of the influence (does not change any node's ranking).
+      stride: score every ``stride``-th step of each period (the probe gradients of all
+        nodes at a scored step cost about ``probe size / batch size`` training steps).
+      chooser: replaces :func:`update` — ``chooser(state, influence_steps, keep)`` — for
+        control experiments (random or oracle selection).
+      score: ``False`` skips recording and scoring; ``chooser`` then gets
+        ``influence_steps=None`` (controls that ignore influence).
+      callback: called after each rewiring with ``(step, new RewireState)``.
+
+    Returns:
+      A :class:`RewireResult`.
+    """
+    if isinstance(period, bool) or not isinstance(period, int | np.integer) or period < 1:
+        raise ValueError(f"period: must be a positive integer, got {period!r}")
+    if not score and chooser is None:
+        raise ValueError("score: False needs a chooser that ignores influence")
+    keep = _check_keep(keep)
+    leaves = jax.tree.leaves(batches)
+    if not leaves or jnp.ndim(leaves[0]) < 2:
+        raise ValueError("batches: must be a pytree with leaves [T, n, B, ...]")
+    T = int(jnp.shape(leaves[0])[0])
+    dtype = jnp.result_type(jax.tree.leaves(params)[0])
+    state = init(topology, candidates, dtype)
+    chooser = (lambda s, g, k: update(s, g, k, decay)) if chooser is None else chooser
+    node_state, schedule, losses = None, [], []
+    for lo in range(0, T, int(period)):
+        hi = min(lo + int(period), T)
+        window = slice(lo, hi)
+        traj = simulate(
+            loss_fn, params, jax.tree.map(lambda x, w=window: x[w], batches), state.matrix,
+            optimizer, record=score and hi < T, initial_state=node_state, mixing="dense",
+            update_scale=None if update_scale is None else update_scale[window])
+        schedule.append(jnp.broadcast_to(state.matrix, (hi - lo, *state.matrix.shape)))
+        losses.append(traj.metrics["loss"])
+        node_state = final_state(traj)
+        if hi < T:
+            g = proximal_steps(loss_fn, traj, probe, node_weights=node_weights,
+                               weighted=False, stride=stride) if score else None
+            state = chooser(state, g, keep)
+            if callback is not None:
+                callback(hi, state)
+        del traj
+    return RewireResult(node_state, jnp.concatenate(schedule), state,
+                        jnp.concatenate(losses))
+
+
+__all__ = ["RewireResult", "RewireState", "init", "rewire", "select", "update"]

@@ -1,0 +1,220 @@
+"""Influence-guided rewiring against attackers: honest nodes' accuracy, fixed vs rewired graph.
+
+Each seed builds one attacked run (:func:`dicejax.experiments.anomaly.apply_attack`: a
+fraction of the nodes have corrupted data, or gated updates) and trains it under several
+*arms* that differ only in how nodes choose whom to mix in:
+
+* ``clean`` — the starting graph, no attack (the reference: what the attack costs);
+* ``fixed`` — the starting graph throughout, under attack (the baseline);
+* ``influence`` — every ``period`` steps each node keeps its ``keep`` most helpful
+  candidates by accumulated proximal influence (:mod:`dicejax.apps.collaborators`);
+* ``random`` — the same degree, ``keep`` candidates drawn at random each period (control:
+  is it the influence, or just fewer neighbours?);
+* ``oracle`` — the same degree, honest candidates first, drawn at random each period (the
+  ceiling of selection: what knowing the attackers would give).
+
+Reported per arm: the honest nodes' mean test accuracy after ``T`` steps, and the weight
+honest nodes put on attackers (their rows' attacker mass, averaged over honest nodes), over
+the run and per period.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from dicejax.apps import collaborators
+from dicejax.experiments.anomaly import ATTACKS, apply_attack, corruption_for
+from dicejax.experiments.common import (
+    RunConfig,
+    build,
+    cached_optimizer,
+    evaluate_params,
+    pick_attackers,
+    summarize,
+)
+from dicejax.simulate import simulate
+
+ARMS = ("clean", "fixed", "influence", "random", "oracle")
+
+
+def _random_chooser(seed: int, penalty: jax.Array | None = None):
+    """Keeps ``keep`` candidates drawn uniformly at random each period.
+
+    With ``penalty`` ``[n, n]`` (e.g. 2 on attackers' columns) the draw is shifted, so that
+    penalised candidates come last (the oracle).
+    """
+
+    def choose(state, influence_steps, keep):
+        key = jax.random.fold_in(jax.random.PRNGKey(seed), state.count)
+        scores = jax.random.uniform(key, state.influence.shape, state.influence.dtype)
+        if penalty is not None:
+            scores = scores + penalty.astype(scores.dtype)
+        matrix = collaborators.select(scores, state.candidates, keep)
+        return state._replace(matrix=matrix.astype(state.matrix.dtype), count=state.count + 1)
+
+    return choose
+
+
+def _oracle_chooser(attackers: Sequence[int], n: int, seed: int):
+    """Keeps honest candidates first, drawn at random each period (then attackers)."""
+    return _random_chooser(seed, jnp.zeros((n, n)).at[:, jnp.asarray(list(attackers))].set(2.0))
+
+
+def rewiring(
+    config: RunConfig,
+    attack: str = "label_permutation",
+    attackers: int | Sequence[int] | None = None,
+    keep: int = 3,
+    period: int = 25,
+    seeds: Sequence[int] = (0, 1, 2, 3, 4),
+    arms: Sequence[str] = ARMS,
+    *,
+    candidates: str = "graph",
+    stride: int = 1,
+    decay: float = 1.0,
+    std: float = 10.0,
+    target: int = 0,
+    dtype: Any = None,
+    callback: Callable[[int, dict], None] | None = None,
+) -> dict:
+    """Trains every arm on the same attacked runs and compares honest accuracy.
+
+    Args:
+      config: the run (``config.seed`` is replaced by each seed). The paper-like setting:
+        ``RunConfig(dataset="fashion_mnist", nodes=32, topology="exponential", model="mlp",
+        lr=0.1, batch=16, samples_per_node=512)``.
+      attack: one of :data:`dicejax.experiments.anomaly.ATTACKS`.
+      attackers: node indices, or a count drawn at random per seed (default: a quarter of
+        the nodes).
+      keep: in-neighbours each node keeps (rewired arms).
+      period: steps between rewirings.
+      seeds: seeds of data, initialisation, corruption and attackers.
+      arms: a subset of :data:`ARMS`.
+      candidates: whom a node may choose from: ``graph`` (its in-neighbours in the
+        starting graph) or ``all`` (every other node; the starting graph is only the first
+        period's choice).
+      stride: score every ``stride``-th step of each period (``influence`` arm).
+      decay: per-step discount of older influence (``influence`` arm).
+      std: noise standard deviation for ``gaussian_noise``.
+      target: class for ``label_flip``.
+      dtype: float dtype (default float32).
+      callback: called after each seed with ``(index, per-seed result)``.
+
+    Returns:
+      A JSON-ready dict: settings; ``per_seed`` (attackers, and per arm the honest mean
+      accuracy, attackers' weight share in honest rows overall and per period, the final
+      weights ``[n, n]``, wall seconds); per arm ``accuracy`` and ``attacker_weight``
+      summarised over seeds, and ``gain`` (``influence − fixed`` accuracy, paired by seed).
+    """
+    if attack not in ATTACKS:
+        raise ValueError(f"attack: must be one of {ATTACKS}, got {attack!r}")
+    arms = list(arms)
+    if not arms or any(a not in ARMS for a in arms) or len(set(arms)) != len(arms):
+        raise ValueError(f"arms: must be distinct names from {ARMS}, got {arms!r}")
+    seeds = list(seeds)
+    if not seeds or not all(isinstance(s, int | np.integer) for s in seeds):
+        raise ValueError(f"seeds: must be a non-empty sequence of integers, got {seeds!r}")
+    if isinstance(keep, bool) or not isinstance(keep, int) or keep < 1:
+        raise ValueError(f"keep: must be a positive integer, got {keep!r}")
+    if isinstance(period, bool) or not isinstance(period, int) or not 1 <= period < config.steps:
+        raise ValueError(f"period: must be an integer in [1, steps={config.steps}), "
+                         f"got {period!r}")
+    if candidates not in ("graph", "all"):
+        raise ValueError(f"candidates: must be 'graph' or 'all', got {candidates!r}")
+    if attackers is None:
+        attackers = max(1, config.nodes // 4)
+    pick_attackers(attackers, config.nodes, 0)  # validate before any work
+    corruption = corruption_for(attack, std, target)
+    optimizer = cached_optimizer(config.optimizer, config.lr)
+    start = time.perf_counter()
+    per_seed = []
+    for i, seed in enumerate(seeds):
+        cfg = dataclasses.replace(config, seed=int(seed))
+        result = _one_seed(cfg, attack, corruption, attackers, keep, period, arms, candidates,
+                           stride, decay, dtype, optimizer)
+        per_seed.append(result)
+        if callback is not None:
+            callback(i, result)
+    out = {
+        "config": config, "attack": attack, "keep": keep, "period": period,
+        "candidates": candidates, "stride": stride, "decay": decay,
+        "std": std if attack == "gaussian_noise" else None,
+        "target": target if attack == "label_flip" else None,
+        "seeds": seeds, "arms": arms, "per_seed": per_seed,
+        "accuracy": {a: summarize([r["arms"][a]["accuracy"] for r in per_seed]) for a in arms},
+        "attacker_weight": {a: summarize([r["arms"][a]["attacker_weight"] for r in per_seed])
+                            for a in arms},
+    }
+    if "fixed" in arms:
+        out["gain"] = {a: summarize([r["arms"][a]["accuracy"] - r["arms"]["fixed"]["accuracy"]
+                                    for r in per_seed]) for a in arms if a != "fixed"}
+    out["wall_seconds"] = time.perf_counter() - start
+    return out
+
+
+def attacker_weight(schedule: jax.Array, attackers: Sequence[int]) -> np.ndarray:
+    """Weight honest nodes put on attackers at every step.
+
+    Args:
+      schedule: ``[T, n, n]`` mixing weights.
+      attackers: attacking node indices.
+
+    Returns:
+      ``[T]``: ``mean_{k honest} Σ_{j attacker} W^t[k, j]``.
+    """
+    schedule = np.asarray(schedule, np.float64)
+    n = schedule.shape[-1]
+    bad = np.isin(np.arange(n), list(attackers))
+    return schedule[:, ~bad][:, :, bad].sum(axis=2).mean(axis=1)
+
+
+def _one_seed(config: RunConfig, attack: str, corruption, attackers, keep: int, period: int,
+              arms: Sequence[str], candidates: str, stride: int, decay: float, dtype: Any,
+              optimizer) -> dict:
+    setup = build(config, dtype)._replace(optimizer=optimizer)
+    n, T = config.nodes, config.steps
+    chosen = pick_attackers(attackers, n, config.seed)
+    batches, scale = apply_attack(setup, attack, corruption, chosen, config.seed)
+    honest = np.setdiff1d(np.arange(n), chosen)
+    matrix = jnp.asarray(setup.topology.matrix)
+    pool = ~jnp.eye(n, dtype=bool) if candidates == "all" else None
+    results = {}
+    for arm in arms:
+        tic = time.perf_counter()
+        if arm in ("clean", "fixed"):
+            clean = arm == "clean"
+            traj = simulate(setup.loss_fn, setup.params, setup.batches if clean else batches,
+                            setup.topology, optimizer, record=False,
+                            update_scale=None if clean else scale)
+            params = traj.final_params
+            schedule = jnp.broadcast_to(matrix, (T, n, n))
+            final = matrix
+        else:
+            chooser = {"influence": None, "random": _random_chooser(config.seed),
+                       "oracle": _oracle_chooser(chosen, n, config.seed)}[arm]
+            res = collaborators.rewire(setup.loss_fn, setup.params, batches, matrix, optimizer,
+                                       setup.probe, keep, period, candidates=pool, decay=decay,
+                                       update_scale=scale, stride=stride, chooser=chooser,
+                                       score=arm == "influence")
+            params, schedule, final = res.state.params, res.schedule, res.rewire.matrix
+        acc = np.asarray(evaluate_params(setup.eval_fn, params, setup.test)["accuracy"])
+        share = attacker_weight(schedule, chosen)
+        results[arm] = {
+            "accuracy": float(acc[honest].mean()),
+            "accuracy_min": float(acc[honest].min()),
+            "attacker_weight": float(share.mean()),
+            "attacker_weight_per_period": share[::period].tolist(),
+            "final_matrix": np.asarray(final, np.float64),
+            "wall_seconds": time.perf_counter() - tic,
+        }
+    return {"seed": config.seed, "attackers": chosen, "arms": results}
+
+
+__all__ = ["ARMS", "attacker_weight", "rewiring"]

@@ -1,0 +1,293 @@
+"""Tests for dicejax.apps.collaborators, dicejax.experiments.rewire and ``dicejax rewire``.
+
+The selection rule and the accumulation are checked against explicit loops; a rewired run
+is replayed with ``simulate`` on its recorded schedule (bit for bit) and its accumulated
+influence recomputed step by step; a node with adversarial data must be dropped by every
+honest node that can drop it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import reference as ref
+from conftest import make_problem
+from dicejax import cli
+from dicejax import topology as tp
+from dicejax.apps import collaborators as co
+from dicejax.commands import rewire as rewire_cmd
+from dicejax.experiments.common import RunConfig
+from dicejax.experiments.rewire import attacker_weight, rewiring
+from dicejax.influence import proximal, proximal_steps
+from dicejax.simulate import simulate
+
+# ---------------------------------------------------------------------------------------------
+# Selection and accumulation
+
+
+def brute_select(influence, candidates, keep):
+    n = influence.shape[0]
+    W = np.zeros((n, n))
+    for k in range(n):
+        cands = [j for j in range(n) if candidates[k, j] and j != k]
+        cands.sort(key=lambda j: (influence[k, j], j))  # stable: lower index wins ties
+        kept = [k, *cands[:keep]]
+        W[k, kept] = 1.0 / len(kept)
+    return W
+
+
+@pytest.mark.parametrize("keep", [0, 1, 2, 3, 10])
+def test_select_matches_explicit_loop(rng, keep):
+    n = 9
+    influence = rng.integers(-3, 3, size=(n, n)).astype(float)  # many ties
+    candidates = rng.uniform(size=(n, n)) < 0.5
+    W = np.asarray(co.select(influence, candidates, keep))
+    np.testing.assert_allclose(W, brute_select(influence, candidates, keep), rtol=0, atol=0)
+    np.testing.assert_allclose(W.sum(axis=1), 1.0, rtol=1e-15)
+    assert (np.diag(W) > 0).all()
+    off = W * (1 - np.eye(n)) > 0
+    assert not (off & ~candidates).any()
+    assert (off.sum(axis=1) == np.minimum(keep, (candidates & ~np.eye(n, dtype=bool)).sum(1))).all()
+
+
+def test_update_accumulates_with_decay(rng):
+    n, S = 6, 4
+    W0 = tp.exponential(n).matrix
+    state = co.init(W0)
+    expect_cands = (W0 > 0) & ~np.eye(n, dtype=bool)
+    np.testing.assert_array_equal(state.candidates, expect_cands)
+    g1, g2 = rng.normal(size=(S, n, n)), rng.normal(size=(2, n, n))
+    decay = 0.7
+    s1 = co.update(state, g1, keep=1, decay=decay)
+    s2 = co.update(s1, g2, keep=1, decay=decay)
+    total = np.zeros((n, n))
+    for g in (*g1, *g2):  # step by step: discount everything so far, add the new step
+        total = decay * total + g
+    total = np.where(expect_cands, total, 0)
+    np.testing.assert_allclose(s2.influence, total, rtol=1e-12)
+    np.testing.assert_allclose(s2.matrix, brute_select(total, expect_cands, 1), atol=0)
+    assert int(s2.count) == 2
+
+
+@pytest.mark.parametrize(("call", "name"), [
+    (lambda: co.select(np.zeros((3, 3)), np.ones((3, 3), bool), -1), "keep"),
+    (lambda: co.select(np.zeros((3, 3)), np.ones((3, 3), bool), 1.5), "keep"),
+    (lambda: co.select(np.zeros((3, 3)), np.ones((3, 3)), 1), "candidates"),
+    (lambda: co.select(np.zeros((3, 4)), np.ones((3, 4), bool), 1), "influence"),
+    (lambda: co.select(np.full((3, 3), np.nan), np.ones((3, 3), bool), 1), "influence"),
+    (lambda: co.init(tp.one_peer_exponential(4)), "topology"),
+    (lambda: co.init(np.ones((3, 3))), "topology"),
+    (lambda: co.init(tp.ring(4).matrix, np.ones((3, 3), bool)), "candidates"),
+    (lambda: co.update(co.init(tp.ring(4).matrix), np.zeros((4, 4)), 1), "influence_steps"),
+    (lambda: co.update(co.init(tp.ring(4).matrix), np.zeros((1, 4, 4)), 1, decay=0.0),
+     "decay"),
+])
+def test_bad_input_names_the_argument(call, name):
+    with pytest.raises(ValueError, match=name):
+        call()
+
+
+def test_unweighted_proximal_equals_explicit_formula():
+    loss, params, batches, probe = make_problem(n=5, steps=4, model="tanh")
+    traj = simulate(loss, params, batches, tp.exponential(5), optax.adam(0.05), record=True)
+    q = np.linspace(0.5, 1.5, 5) / 5
+    for t in (2,):
+        got = proximal(loss, traj, probe, step=t, node_weights=q, weighted=False)
+        np.testing.assert_allclose(got, ref.proximal_brute(loss, traj, probe, t, q, False),
+                                   rtol=1e-10, atol=1e-15)
+        weighted = proximal(loss, traj, probe, step=t, node_weights=q)
+        np.testing.assert_allclose(weighted, np.asarray(traj.matrix_at(t)) * got, rtol=1e-12)
+    window = proximal_steps(loss, traj, probe, 1, 4, node_weights=q, weighted=False)
+    np.testing.assert_allclose(window[1], proximal(loss, traj, probe, step=2, node_weights=q,
+                                                   weighted=False), rtol=1e-12)
+    strided = proximal_steps(loss, traj, probe, 0, 4, node_weights=q, stride=3)
+    assert strided.shape == (2, 5, 5)
+    np.testing.assert_allclose(strided[1], proximal(loss, traj, probe, step=3, node_weights=q),
+                               rtol=1e-12)
+    with pytest.raises(ValueError, match="stride"):
+        proximal_steps(loss, traj, probe, stride=0)
+
+
+# ---------------------------------------------------------------------------------------------
+# Rewired runs
+
+
+def test_rewire_replays_and_accumulates_exactly():
+    n, T, period = 6, 10, 3
+    loss, params, batches, probe = make_problem(n=n, steps=T, model="tanh")
+    opt = optax.sgd(0.3)
+    W0 = tp.exponential(n).matrix
+    seen = []
+    res = co.rewire(loss, params, batches, tp.exponential(n), opt, probe, keep=1,
+                    period=period, callback=lambda t, s: seen.append((t, np.asarray(s.matrix))))
+    assert [t for t, _ in seen] == [3, 6, 9] and int(res.rewire.count) == 3
+    sched = np.asarray(res.schedule)
+    assert sched.shape == (T, n, n) and res.loss.shape == (T, n)
+    np.testing.assert_array_equal(sched[:3], np.broadcast_to(W0, (3, n, n)))
+    for (_, W), lo in zip(seen, (3, 6, 9)):
+        block = sched[lo:lo + period]
+        np.testing.assert_array_equal(block, np.broadcast_to(W, block.shape))
+    # replaying the schedule reproduces the run bit for bit
+    replay = simulate(loss, params, batches, sched, opt, record=True, mixing="dense")
+    for a, b in zip(jax.tree.leaves(replay.final_params), jax.tree.leaves(res.state.params)):
+        np.testing.assert_array_equal(a, b)
+    np.testing.assert_array_equal(replay.metrics["loss"], res.loss)
+    # the accumulated influence is the sum over every scored step (all but the last period)
+    # (proximal(weighted=False) is checked against the explicit formula above)
+    total = sum(np.asarray(proximal(loss, replay, probe, step=t, weighted=False))
+                for t in range(9))
+    cands = (W0 > 0) & ~np.eye(n, dtype=bool)
+    np.testing.assert_allclose(res.rewire.influence, np.where(cands, total, 0), rtol=1e-9,
+                               atol=1e-14)
+    np.testing.assert_allclose(res.rewire.matrix, brute_select(np.where(cands, total, 0),
+                                                               cands, 1), atol=0)
+
+
+def test_rewire_stride_and_controls():
+    n, T, period = 6, 8, 4
+    loss, params, batches, probe = make_problem(n=n, steps=T, model="tanh")
+    opt = optax.sgd(0.3)
+    res = co.rewire(loss, params, batches, tp.exponential(n), opt, probe, keep=2,
+                    period=period, stride=3)
+    replay = simulate(loss, params, batches, res.schedule, opt, record=True, mixing="dense")
+    total = sum(np.asarray(proximal(loss, replay, probe, step=t, weighted=False))
+                for t in (0, 3))
+    cands = np.asarray(res.rewire.candidates)
+    np.testing.assert_allclose(res.rewire.influence, np.where(cands, total, 0), rtol=1e-9,
+                               atol=1e-14)
+    # a control that ignores influence: nothing is recorded or scored
+    seen = []
+
+    def reverse(state, influence_steps, keep):
+        seen.append(influence_steps)
+        return state._replace(matrix=co.select(-jnp.arange(n) * 1.0 + 0 * state.influence,
+                                               state.candidates, keep))
+
+    ctl = co.rewire(loss, params, batches, tp.exponential(n), opt, probe, keep=1,
+                    period=period, chooser=reverse, score=False)
+    assert seen == [None]
+    np.testing.assert_allclose(ctl.schedule[-1], brute_select(
+        np.broadcast_to(-np.arange(n) * 1.0, (n, n)), cands, 1), atol=0)
+    with pytest.raises(ValueError, match="score"):
+        co.rewire(loss, params, batches, tp.exponential(n), opt, probe, keep=1, score=False)
+
+
+def adversarial_problem(n, steps, attacker, seed=0):
+    """Linear regression ``y = x·w*``; the attacker's targets are ``−5 x·w*``."""
+    rng = np.random.default_rng(seed)
+    w_star = rng.normal(size=3)
+    x = rng.normal(size=(steps, n, 8, 3))
+    y = x @ w_star
+    y[:, attacker] *= -5.0
+    probe_x = rng.normal(size=(32, 3))
+
+    def loss(p, b):
+        return jnp.mean((b["x"] @ p["w"] - b["y"]) ** 2)
+
+    params = {"w": jnp.zeros((n, 3))}
+    batches = {"x": jnp.asarray(x), "y": jnp.asarray(y)}
+    probe = {"x": jnp.asarray(probe_x), "y": jnp.asarray(probe_x @ w_star)}
+    return loss, params, batches, probe, w_star
+
+
+def test_adversarial_neighbour_is_dropped_and_honest_nodes_gain():
+    n, T, attacker = 8, 40, 0
+    loss, params, batches, probe, w_star = adversarial_problem(n, T, attacker)
+    topo = tp.exponential(n)  # in-neighbours k-1, k-2, k-4
+    opt = optax.sgd(0.05)
+    res = co.rewire(loss, params, batches, topo, opt, probe, keep=2, period=10)
+    W = np.asarray(res.rewire.matrix)
+    honest = [k for k in range(n) if k != attacker]
+    for k in honest:
+        assert W[k, attacker] == 0, (k, W[k])
+        if topo.matrix[k, attacker] > 0:  # it was an in-neighbour: the most harmful one
+            row = np.where(np.asarray(res.rewire.candidates)[k], res.rewire.influence[k], -np.inf)
+            assert row.argmax() == attacker
+    fixed = simulate(loss, params, batches, topo, opt, record=False)
+
+    def err(p):
+        return np.linalg.norm(np.asarray(p["w"])[honest] - w_star, axis=1).mean()
+
+    assert err(res.state.params) < 0.5 * err(fixed.final_params)
+    share = attacker_weight(res.schedule, [attacker])
+    assert share[0] > 0 and share[-1] == 0
+    np.testing.assert_allclose(share[0], np.mean([topo.matrix[k, attacker] for k in honest]))
+
+
+def test_rewire_validation():
+    loss, params, batches, probe = make_problem(n=4, steps=4)
+    with pytest.raises(ValueError, match="period"):
+        co.rewire(loss, params, batches, tp.ring(4), optax.sgd(0.1), probe, keep=1, period=0)
+    with pytest.raises(ValueError, match="keep"):
+        co.rewire(loss, params, batches, tp.ring(4), optax.sgd(0.1), probe, keep=-2)
+
+
+# ---------------------------------------------------------------------------------------------
+# The experiment and the CLI
+
+
+def run_rewire(argv):
+    parser = argparse.ArgumentParser(prog="dicejax")
+    sub = parser.add_subparsers(dest="command", required=True)
+    rewire_cmd.register(sub, cli._run_args, cli._config)
+    args = parser.parse_args(argv)
+    return args.fn(args)
+
+
+@pytest.mark.slow
+def test_rewire_cli_on_digits(tmp_path):
+    out = tmp_path / "rw"
+    argv = ["rewire", "--dataset", "digits", "--nodes", "16", "--topology", "exponential",
+            "--steps", "60", "--period", "20", "--keep", "2", "--seeds", "2",
+            "--attackers", "random:4", "--out", str(out)]
+    assert run_rewire(argv) == 0
+    result = json.loads((out / "rewire.json").read_text())
+    assert (out / "rewire.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert [p.name for p in out.iterdir() if p.name.startswith(".")] == []
+    assert result["arms"] == ["clean", "fixed", "influence", "random", "oracle"]
+    W0 = tp.exponential(16).matrix
+    for r in result["per_seed"]:
+        bad = r["attackers"]
+        assert len(bad) == 4
+        arms = r["arms"]
+        honest = [k for k in range(16) if k not in bad]
+        # the fixed graph never changes: the attackers' share is their weight in W0
+        expect = np.mean([W0[k, bad].sum() for k in honest])
+        np.testing.assert_allclose(arms["fixed"]["attacker_weight_per_period"], expect)
+        # after the first period the oracle keeps an attacker only where it must
+        forced = []
+        for k in honest:
+            cands = [j for j in range(16) if j != k and W0[k, j] > 0]
+            kept = min(2, len(cands))
+            forced.append(max(0, kept - sum(j not in bad for j in cands)) / (kept + 1))
+        np.testing.assert_allclose(arms["oracle"]["attacker_weight_per_period"][1:],
+                                   np.mean(forced), atol=1e-6)
+        # influence-guided selection gives attackers less weight than random selection
+        assert arms["influence"]["attacker_weight"] < arms["random"]["attacker_weight"]
+        W = np.asarray(arms["influence"]["final_matrix"])
+        np.testing.assert_allclose(W.sum(axis=1), 1.0, rtol=1e-6)
+        assert ((W > 0).sum(axis=1) <= 3).all()
+        assert not ((W > 0) & (W0 == 0)).any()
+    assert set(result["gain"]) == {"clean", "influence", "random", "oracle"}
+
+
+@pytest.mark.parametrize(("kwargs", "name"), [
+    (dict(attack="backdoor"), "attack"),
+    (dict(arms=["fixed", "magic"]), "arms"),
+    (dict(arms=[]), "arms"),
+    (dict(keep=0), "keep"),
+    (dict(period=10), "period"),
+    (dict(seeds=[]), "seeds"),
+    (dict(attackers=16), "attackers"),
+    (dict(candidates="friends"), "candidates"),
+])
+def test_rewiring_validation(kwargs, name):
+    with pytest.raises(ValueError, match=name):
+        rewiring(RunConfig(nodes=16, steps=10), **{"period": 5, **kwargs})
