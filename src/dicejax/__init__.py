@@ -15,6 +15,7 @@ from dicejax import (
     influence,
     mixing,
     models,
+    parallel,
     topology,
     topology_opt,
 )
@@ -42,6 +43,7 @@ __all__ = [
     "init",
     "mixing",
     "models",
+    "parallel",
     "replicate",
     "simulate",
     "topology",

@@ -27,6 +27,7 @@ import numpy as np
 import optax
 from flax import struct
 
+from dicejax import parallel
 from dicejax import topology as topo_lib
 from dicejax.mixing import Method, Mixer, choose_method, make_mixer
 
@@ -178,15 +179,30 @@ def local_updates(
     return jax.vmap(upd)(state.params, state.opt_state, batch)
 
 
-def consensus_distance(params: PyTree) -> jax.Array:
-    """Mean over nodes of ``||θ_k − θ̄||²`` (summed over all leaves); a scalar."""
+def consensus_distance(params: PyTree, num_nodes: int | None = None) -> jax.Array:
+    """Mean over nodes of ``||θ_k − θ̄||²`` (summed over all leaves); a scalar.
 
-    def sq(x):
-        d = x - jnp.mean(x, axis=0, keepdims=True)
+    Args:
+      params: pytree, leaves ``[n, ...]``.
+      num_nodes: count only the first ``num_nodes`` nodes (the rest is padding); default all.
+    """
+    n = jax.tree.leaves(params)[0].shape[0]
+    if num_nodes is None or num_nodes == n:
+
+        def sq(x):
+            d = x - jnp.mean(x, axis=0, keepdims=True)
+            return jnp.sum(d.reshape(d.shape[0], -1) ** 2)
+
+        return sum(jax.tree.leaves(jax.tree.map(sq, params))) / n
+    real = jnp.arange(n) < num_nodes
+
+    def masked_sq(x):
+        m = real.reshape((-1,) + (1,) * (x.ndim - 1))
+        x = jnp.where(m, x, 0)
+        d = jnp.where(m, x - jnp.sum(x, axis=0, keepdims=True) / num_nodes, 0)
         return jnp.sum(d.reshape(d.shape[0], -1) ** 2)
 
-    n = jax.tree.leaves(params)[0].shape[0]
-    return sum(jax.tree.leaves(jax.tree.map(sq, params))) / n
+    return sum(jax.tree.leaves(jax.tree.map(masked_sq, params))) / num_nodes
 
 
 def gate(old: PyTree, new: PyTree, scale: jax.Array) -> PyTree:
@@ -252,15 +268,17 @@ def step(
 
 
 @functools.partial(
-    jax.jit, static_argnames=("loss_fn", "optimizer", "record", "eval_fn", "eval_every")
+    jax.jit,
+    static_argnames=("loss_fn", "optimizer", "record", "eval_fn", "eval_every", "num_nodes"),
 )
 def _run_chunk(
-    state, batches, scales, mixer, eval_batch, *, loss_fn, optimizer, record, eval_fn, eval_every
+    state, batches, scales, mixer, eval_batch, *, loss_fn, optimizer, record, eval_fn, eval_every,
+    num_nodes=None,
 ):
     def body(state, xs):
         batch, scale = xs
         new_state, half, loss = step(loss_fn, optimizer, mixer, state, batch, scale)
-        ys = {"loss": loss, "consensus": consensus_distance(new_state.params),
+        ys = {"loss": loss, "consensus": consensus_distance(new_state.params, num_nodes),
               "finite": _node_finite(half)}
         if record:
             ys["params"] = new_state.params
@@ -473,6 +491,7 @@ def simulate(
     callback: Callable[[NodeState, int], None] | None = None,
     update_scale: jax.Array | np.ndarray | None = None,
     check_finite: bool = True,
+    mesh: jax.sharding.Mesh | None = None,
 ) -> Trajectory:
     """Simulates ATC decentralized learning for ``T`` steps.
 
@@ -490,7 +509,8 @@ def simulate(
       eval_batch: a batch pytree ``[M, ...]`` shared by all nodes for periodic evaluation.
       eval_fn: ``eval_fn(params, batch) -> dict of scalars`` for one node (default: the loss).
       eval_every: evaluate every this many steps (``θ^t`` for ``t`` a multiple); 0 = never.
-      mixing: gossip kernel, ``"auto"`` (by size and density), ``"dense"`` or ``"sparse"``.
+      mixing: gossip kernel, ``"auto"`` (by size and density), ``"dense"`` or ``"sparse"``;
+        with a ``mesh`` also ``"ppermute"`` or ``"all_gather"`` (see :mod:`dicejax.parallel`).
       chunk_steps: split array ``batches`` into scans of this many steps (same results).
       initial_state: resume from this :class:`NodeState` instead of ``init(params)``.
       callback: called on the host after each chunk with ``(state, steps_done)``.
@@ -500,6 +520,11 @@ def simulate(
         re-runs reproduce it.
       check_finite: after each chunk, raise ``FloatingPointError`` naming the first step and
         node whose loss or parameters became non-finite (one host sync per chunk).
+      mesh: a ``'nodes'`` device mesh (:func:`dicejax.parallel.node_mesh`): shard the node
+        axis of states, optimizer states and batches over its devices (``n`` need not divide
+        the device count) with the same results as one device. In a multi-process run every
+        process makes the same call with the same host inputs. The trajectory's arrays stay
+        sharded when the device count divides ``n``.
 
     Returns:
       A :class:`Trajectory`.
@@ -521,7 +546,11 @@ def simulate(
         raise ValueError("eval_batch: required when eval_every > 0")
     if eval_every and eval_fn is None:
         eval_fn = _loss_eval(loss_fn)
-    mixer, fixed_steps = _mixer_for(topo, n, mixing)
+    if mesh is None and mixing in ("ppermute", "all_gather"):
+        raise ValueError(f"mixing: {mixing!r} shards the gossip and needs mesh=")
+    single = "sparse" if mixing in ("ppermute", "all_gather") else mixing
+    mixer, fixed_steps = _mixer_for(topo, n, single)
+    layout = None if mesh is None else parallel.node_layout(mesh, n)
     if not isinstance(batches, Iterator):
         total = _check_batches(batches, n)
         _check_loss_output(loss_fn, params, batches)
@@ -531,6 +560,14 @@ def simulate(
             )
     state = initial_state if initial_state is not None else init(params, optimizer)
     start = int(state.step)
+    run_mixer, num_nodes = mixer, None
+    if layout is not None:
+        run_mixer = parallel.shard_mixer(mixer, layout, mixing)
+        state = NodeState(layout.place(state.params), layout.place(state.opt_state),
+                          layout.replicate(state.step))
+        eval_batch = None if eval_batch is None else layout.replicate(eval_batch)
+        num_nodes = n if layout.padded else None
+    state0 = state
     outs, kept, kept_scales = [], [], []
     done = 0
     update_scale = _check_scale(update_scale, n)
@@ -548,29 +585,46 @@ def simulate(
                 raise ValueError(f"update_scale: has {update_scale.shape[0]} steps but batches "
                                  f"run past step {update_scale.shape[0]}")
             kept_scales.append(scales)
+        if layout is not None:
+            chunk = layout.place(chunk, axis=1)
+            scales = None if scales is None else layout.place(scales, axis=1, fill=1)
         state, ys = _run_chunk(
             state,
             chunk,
             scales,
-            mixer,
+            run_mixer,
             eval_batch,
             loss_fn=loss_fn,
             optimizer=optimizer,
             record=record,
             eval_fn=eval_fn,
             eval_every=eval_every,
+            num_nodes=num_nodes,
         )
         if check_finite and not _is_tracer(ys["loss"]):
-            _check_finite(ys["loss"], ys["finite"], start + done)
+            if layout is None:
+                _check_finite(ys["loss"], ys["finite"], start + done)
+            else:
+                _check_finite(parallel.to_host(ys["loss"])[:, :n],
+                              parallel.to_host(ys["finite"])[:, :n], start + done)
         outs.append(ys)
         if record:
             kept.append(chunk)
         done += t_c
         if callback is not None:
-            callback(state, done)
+            callback(state if layout is None else _trim_state(layout, state), done)
     if not outs:
         raise ValueError("batches: the iterator yielded no chunks (T = 0 steps)")
     ys = _concat(outs)
+    state0_trimmed = state0
+    if layout is not None:  # drop the padded nodes, two jitted slices in all
+        consensus = ys.pop("consensus")
+        if record:
+            ys["batches"] = _concat(kept)
+        ys = dict(layout.trim(ys, axis=1), consensus=consensus)
+        p, o, p0, o0 = layout.trim((state.params, state.opt_state, state0.params,
+                                    state0.opt_state))
+        state, state0_trimmed = NodeState(p, o, state.step), NodeState(p0, o0, state0.step)
     metrics = {"loss": ys["loss"], "consensus": ys["consensus"]}
     if eval_every:
         steps = np.arange(start + 1, start + done + 1)
@@ -578,17 +632,13 @@ def simulate(
         metrics["eval"] = {"step": jnp.asarray(steps[sel])}
         metrics["eval"].update(jax.tree.map(lambda x: x[sel], ys["eval"]))
     if record:
-        s0 = (
-            init(params, optimizer).opt_state
-            if initial_state is None
-            else (initial_state.opt_state)
-        )
         prepend = functools.partial(jax.tree.map, lambda a, b: jnp.concatenate([a[None], b]))
+        s0 = state0_trimmed
         rec = dict(
-            params=prepend(params, ys["params"]),
+            params=prepend(s0.params, ys["params"]),
             half_params=ys["half_params"],
-            opt_states=prepend(s0, ys["opt_states"]),
-            batches=_concat(kept),
+            opt_states=prepend(s0.opt_state, ys["opt_states"]),
+            batches=_concat(kept) if layout is None else ys["batches"],
         )
     else:
         rec = dict(params=None, half_params=None, opt_states=None, batches=None)
@@ -602,6 +652,12 @@ def simulate(
         optimizer=optimizer,
         **rec,
     )
+
+
+def _trim_state(layout: parallel.NodeLayout, state: NodeState) -> NodeState:
+    """A padded, sharded :class:`NodeState` cut back to the real nodes."""
+    params, opt_state = layout.trim((state.params, state.opt_state))
+    return NodeState(params, opt_state, state.step)
 
 
 @functools.cache
