@@ -210,7 +210,7 @@ def build(config: RunConfig, dtype: Any = None) -> Setup:
     cast = _caster(dtype)
     return Setup(config, ds, model, model_lib.make_loss_fn(model), model_lib.make_eval_fn(model),
                  params, cast(batches), make_topology(config.topology, n, config.seed),
-                 make_optimizer(config.optimizer, config.lr), cast(test), cast(probe))
+                 cached_optimizer(config.optimizer, config.lr), cast(test), cast(probe))
 
 
 def _caster(dtype):
