@@ -64,8 +64,11 @@ WORKER = textwrap.dedent(
         return max([0.0] + [float(np.max(np.abs(np.asarray(x, float) - np.asarray(y, float))))
                             for x, y in zip(a, b)])
 
-    def compare(name, n, topo, mixing, opt=optax.sgd(0.1), model="softmax", **kw):
+    def compare(name, n, topo, mixing, opt=optax.sgd(0.1), model="softmax", evaluate=False,
+                **kw):
         loss, params, batches, probe = make_problem(n=n, steps=6, model=model, seed=n)
+        if evaluate:  # periodic evaluation of every node on a shared batch
+            kw.update(eval_batch=probe, eval_every=2)
         single = "dense" if mixing == "dense" else "sparse"
         ref = dj.simulate(loss, params, batches, topo, optimizer=opt, mixing=single, **kw)
         got = dj.simulate(loss, params, batches, topo, optimizer=opt, mixing=mixing,
@@ -83,8 +86,9 @@ WORKER = textwrap.dedent(
         }
         return loss, probe, ref, got
 
-    # dense W through GSPMD, n = 7 padded to 8, gated updates (a free-rider, a sign flip)
-    compare("dense_uneven_gated", 7, dj.topology.ring(7), "dense",
+    # dense W through GSPMD, n = 7 padded to 8, gated updates (a free-rider, a sign flip),
+    # periodic evaluation
+    compare("dense_uneven_gated", 7, dj.topology.ring(7), "dense", evaluate=True,
             update_scale=np.array([1.0, 0.0, -1.0, 1.0, 0.5, 1.0, 1.0]))
     # halo exchange over device shifts 1 and 2, in two chunks; influence of the sharded run
     # (dice_gt and gt_cascade share one compiled function, as do dice_e and e_cascade)

@@ -485,7 +485,7 @@ def simulate(
     eval_batch: PyTree | None = None,
     eval_fn: Callable[[PyTree, PyTree], dict] | None = None,
     eval_every: int = 0,
-    mixing: Method = "auto",
+    mixing: Method | parallel.ShardedMethod = "auto",
     chunk_steps: int | None = None,
     initial_state: NodeState | None = None,
     callback: Callable[[NodeState, int], None] | None = None,
