@@ -19,9 +19,10 @@ Methods (see ``benchmarks/torch_baselines.py``):
 * ``func`` — stacked ``torch.func`` (``functional_call`` + ``vmap(grad)``), eager, gossip as
   one flat-buffer contraction (dense or gather, the same kernel dicejax picks);
 * ``compiled`` — ``func``'s step under ``torch.compile`` (inductor), Python loop over steps;
-* ``fused`` — a PROTOTYPE of a faster dicejax step, not the library (see
-  :func:`fused_gossip_step`): update and gossip fused per leaf over neighbour lists, no
-  per-step consensus/finiteness passes. Shows what the proposed ``src`` change would give.
+* ``proto`` — a PROTOTYPE of a faster ``simulate`` inner loop, not the library (see
+  :func:`proto_step`): gossip by fused per-leaf row gathers, the same per-step metrics
+  computed without XLA:CPU's slow column/boolean reductions, and (CNN) unrolled chunks of 4
+  steps instead of one ``while`` loop. Shows what the proposed ``src`` change would give.
 
 Reported per (model, n): median node-steps/s over interleaved repeats (each repeat runs every
 method once for ``T`` steps from the same state), ratios, achieved GFLOP/s (matmul/conv FLOPs
@@ -43,6 +44,7 @@ Usage::
 from __future__ import annotations
 
 import argparse
+import functools
 import gc
 import statistics
 import sys
@@ -76,7 +78,8 @@ DEFAULT_OUT = common.RESULTS_DIR / "bench_simulate.json"
 INPUT_SHAPE = (28, 28, 1)
 NUM_CLASSES = 10
 # node-steps per timed run (T = target / n, clamped to [min_steps, max_steps])
-TARGET_NODE_STEPS = {"mlp": 640, "cnn": 64}
+TARGET_NODE_STEPS = {"mlp": 640, "cnn": 48}
+PROTO_UNROLL = 4  # steps per unrolled scan in the prototype, for convolutional models
 HEADLINE = {"model": "mlp", "n": 16}  # the issue's goals are stated for this case
 GOALS = {"vs_reference": 10.0, "vs_compiled": 1.5, "peak_fraction": 0.70}
 
@@ -230,70 +233,144 @@ def func_method(compile: bool) -> Callable[[Case, int], Callable[[], Any]]:
     return make
 
 
-def fused_gossip_step(loss_fn: Callable, optimizer: optax.GradientTransformation,
-                      matrix: np.ndarray) -> Callable:
-    """PROTOTYPE of a faster ATC step (not the library's): local update and gossip fused.
+def consensus_by_matmul(params: PyTree) -> jax.Array:
+    """PROTOTYPE: :func:`dicejax.simulate.consensus_distance` without a column reduction.
 
-    ``θ_k^{t+1} = Σ_d w[k, d] (θ + u)[idx[k, d]]`` per leaf, unrolled over the ``D``
-    in-neighbours, where ``u`` is the optax update: XLA fuses the update, the ``D`` row
-    gathers and the weighted sum into one loop per leaf, so each step reads ``θ`` and ``u``
-    once and writes ``θ^{t+1}`` once — no ``[n, P]`` concatenation, no separate ``θ^{t+½}``
-    buffer, no split, no ``[n, D, P]`` gather buffer, and no per-step consensus / finiteness
-    passes (only the loss ``[n]`` is returned). Same result as :func:`dicejax.simulate.step`
-    up to float rounding (a different summation order).
-
-    Returns:
-      ``run(params, opt_state, batches [T, n, ...]) -> (params, opt_state, loss [T, n])``,
-      jitted.
+    Same value (mean over nodes of ``||θ_k − θ̄||²``); the node mean is a ``[n, n] × [n, P]``
+    product and the squared norms are row reductions. On XLA:CPU (jaxlib 0.10.2) the
+    library's ``jnp.mean(x, axis=0)`` over a ``[16, 100352]`` leaf takes ~26 ms, the product
+    ~0.6 ms (``benchmarks/profile_step.py`` measures both).
     """
+    n = jax.tree.leaves(params)[0].shape[0]
+
+    def sq(x):
+        flat = x.reshape(n, -1)
+        avg = jnp.full((n, n), 1.0 / n, flat.dtype)
+        d = flat - jnp.matmul(avg, flat, precision=jax.lax.Precision.HIGHEST)
+        return jnp.sum(jnp.einsum("kp,kp->k", d, d, precision=jax.lax.Precision.HIGHEST))
+
+    return sum(sq(x) for x in jax.tree.leaves(params)) / n
+
+
+def finite_by_sum(tree: PyTree) -> jax.Array:
+    """PROTOTYPE: ``[n]`` per-node finiteness as :func:`dicejax.simulate._node_finite`, by a
+    float row sum of ``x · 0`` (NaN exactly where some entry is NaN or ±inf) instead of a
+    boolean ``all`` reduction, which XLA:CPU runs several times slower."""
+    n = jax.tree.leaves(tree)[0].shape[0]
+    flags = [jnp.isfinite(jnp.sum(x.reshape(n, -1) * jnp.zeros((), x.dtype), axis=1))
+             for x in jax.tree.leaves(tree) if jnp.issubdtype(x.dtype, jnp.inexact)]
+    return jnp.all(jnp.stack(flags), axis=0)
+
+
+def neighbour_lists(matrix: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Padded in-neighbour lists of ``W``: ``(indices [n, D], weights [n, D])``; padded slots
+    point at the node itself with weight 0."""
     n = matrix.shape[0]
     lists = [np.flatnonzero(matrix[k] > 0) for k in range(n)]
     width = max(len(x) for x in lists)
-    idx = np.zeros((n, width), np.int32)
-    wts = np.zeros((n, width), np.float32)
+    idx = np.repeat(np.arange(n, dtype=np.int32)[:, None], width, axis=1)
+    wts = np.zeros((n, width), matrix.dtype)
     for k, nb in enumerate(lists):
         idx[k, : len(nb)] = nb
         wts[k, : len(nb)] = matrix[k, nb]
-        idx[k, len(nb):] = k  # padded slots: weight 0, any valid row
+    return idx, wts
+
+
+def gather_gossip(indices: np.ndarray, weights: np.ndarray, tree: PyTree) -> PyTree:
+    """PROTOTYPE sparse gossip: ``Σ_d w[:, d] · x[idx[:, d]]`` per leaf, unrolled over ``d``.
+
+    Same result as :func:`dicejax.mixing.gossip_sparse` up to rounding, but XLA fuses the
+    ``D`` row gathers and the weighted sum into one loop per leaf: no ``[n, P]``
+    concatenation and split, no ``[n, D, P]`` gather buffer, no batched product.
+    """
+
+    def mix(x):
+        shape = (-1,) + (1,) * (x.ndim - 1)
+        out = None
+        for d in range(indices.shape[1]):
+            term = jnp.asarray(weights[:, d], x.dtype).reshape(shape) \
+                * jnp.take(x, jnp.asarray(indices[:, d]), axis=0)
+            out = term if out is None else out + term
+        return out
+
+    return jax.tree.map(mix, tree)
+
+
+def proto_step(loss_fn: Callable, optimizer: optax.GradientTransformation,
+               matrix: np.ndarray, unroll: int = 0) -> Callable:
+    """PROTOTYPE of a faster :func:`dicejax.simulate` inner loop (not the library's code).
+
+    Four changes against ``simulate``'s ``_run_chunk``, each measured alone by
+    ``benchmarks/profile_step.py``:
+
+    1. gossip by :func:`gather_gossip` (per leaf, fused row gathers over the in-neighbour
+       lists) for every graph size, instead of a dense product below 64 nodes and a
+       materialised ``[n, D, P]`` gather + batched product from 64;
+    2. the per-step consensus distance by :func:`consensus_by_matmul` (no column reduction);
+    3. the per-step finiteness flags by :func:`finite_by_sum` (no boolean reduction);
+    4. with ``unroll = k > 0``, the steps run as fully unrolled scans of ``k`` steps called
+       from a Python loop: inside an XLA:CPU ``while`` loop the convolutions of a weight
+       gradient keep a non-canonical layout and fall back to a slow kernel (measured ~10x
+       slower for the CNN); without a loop they get the fast one. Costs compile time ∝ k.
+
+    The local update is the library's (``value_and_grad`` + the optax update, ``vmap``-ed).
+    Same outputs as the library (final parameters, loss ``[T, n]``, consensus ``[T]``,
+    finiteness ``[T, n]``) up to float rounding.
+
+    Returns:
+      ``run(params, opt_state, batches [T, n, ...]) -> (params, opt_state, metrics)``.
+    """
+    indices, weights = neighbour_lists(np.asarray(matrix, np.float32))
 
     def local(p, s, b):
         loss, g = jax.value_and_grad(loss_fn)(p, b)
         u, s = optimizer.update(g, s, p)
-        return u, s, loss
+        return optax.apply_updates(p, u), s, loss
 
-    def mix(x, u):
-        out = None
-        for d in range(width):
-            w = jnp.asarray(wts[:, d], x.dtype).reshape((-1,) + (1,) * (x.ndim - 1))
-            rows = jnp.asarray(idx[:, d])
-            term = w * (jnp.take(x, rows, axis=0) + jnp.take(u, rows, axis=0))
-            out = term if out is None else out + term
-        return out
+    def body(carry, batch):
+        p, s = carry
+        half, s, loss = jax.vmap(local)(p, s, batch)
+        new = gather_gossip(indices, weights, half)
+        ys = {"loss": loss, "consensus": consensus_by_matmul(new),
+              "finite": finite_by_sum(half)}
+        return (new, s), ys
 
-    @jax.jit
+    @functools.partial(jax.jit, static_argnames="full")
+    def chunk(params, opt_state, batches, full=False):
+        (p, s), ys = jax.lax.scan(body, (params, opt_state), batches, unroll=bool(full))
+        return p, s, ys
+
     def run(params, opt_state, batches):
-        def body(carry, batch):
-            p, s = carry
-            u, s, loss = jax.vmap(local)(p, s, batch)
-            return (jax.tree.map(mix, p, u), s), loss
-
-        (p, s), loss = jax.lax.scan(body, (params, opt_state), batches)
-        return p, s, loss
+        total = jax.tree.leaves(batches)[0].shape[0]
+        if not unroll:
+            return chunk(params, opt_state, batches)
+        outs = []
+        for start in range(0, total, unroll):
+            part = jax.tree.map(lambda a, s=start: a[s : s + unroll], batches)
+            params, opt_state, ys = chunk(params, opt_state, part, full=True)
+            outs.append(ys)
+        ys = jax.tree.map(lambda *xs: jnp.concatenate(xs), *outs)
+        return params, opt_state, ys
 
     return run
 
 
-def fused_method(case: Case, steps: int) -> Callable[[], Any]:
-    if "fused" not in case.cache:
-        case.cache["fused"] = fused_gossip_step(case.loss_fn, case.optimizer, case.matrix)
-    run_fused = case.cache["fused"]
+def has_conv(params: PyTree) -> bool:
+    return any(k.startswith("Conv_") for k in params)
+
+
+def proto_method(case: Case, steps: int) -> Callable[[], Any]:
+    if "proto" not in case.cache:
+        unroll = PROTO_UNROLL if has_conv(case.params) else 0
+        case.cache["proto"] = proto_step(case.loss_fn, case.optimizer, case.matrix, unroll)
+    run_proto = case.cache["proto"]
     batches = jax.tree.map(lambda a: a[:steps], case.batches)
     opt_state = jax.vmap(case.optimizer.init)(case.params)
 
-    def run():
-        p, _, loss = run_fused(case.params, opt_state, batches)
-        if not bool(jnp.all(jnp.isfinite(loss))):
-            raise FloatingPointError("fused prototype diverged")
+    def run():  # the same host-side divergence check as simulate(check_finite=True)
+        p, _, ys = run_proto(case.params, opt_state, batches)
+        if not (bool(jnp.all(jnp.isfinite(ys["loss"]))) and bool(jnp.all(ys["finite"]))):
+            raise FloatingPointError("prototype diverged")
         return jax.block_until_ready(p)
 
     return run
@@ -302,7 +379,7 @@ def fused_method(case: Case, steps: int) -> Callable[[], Any]:
 def all_methods() -> dict[str, Callable[[Case, int], Callable[[], Any]]]:
     return {"dicejax": dicejax_method, "reference": reference_method,
             "func": func_method(False), "compiled": func_method(True),
-            "fused": fused_method}
+            "proto": proto_method}
 
 
 TORCH_METHODS = ("reference", "func", "compiled")
@@ -331,11 +408,11 @@ def run_case(case: Case, names: Sequence[str], args, log) -> dict:
         else:
             diffs[m.name] = tb.max_rel_diff(out, ref)
     # 2. warm-up on the timed length, then interleaved repeats
-    runs = {}
-    for m in methods:
-        runs[m.name] = m.make(case, case.steps)
-        common.timed(runs[m.name])
-    for _ in range(args.repeats):
+    if case.steps != args.check_steps:  # else the check run was the warm-up
+        for m in methods:
+            common.timed(m.make(case, case.steps))
+    repeats = args.cnn_repeats if case.model_name == "cnn" else args.repeats
+    for _ in range(repeats):
         for m in methods:
             run = m.make(case, case.steps)  # fresh state (untimed); same compiled code
             gc.collect()
@@ -386,10 +463,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--nodes", default=None,
                    help="comma-separated n (default 4,16,64,256; the cnn stops at "
                         "--cnn-max-nodes)")
-    p.add_argument("--cnn-max-nodes", type=int, default=64,
-                   help="largest n for the cnn in the default sweep (default 64)")
-    p.add_argument("--methods", default="dicejax,fused,reference,func,compiled",
-                   help="comma-separated; fused is a prototype (see fused_gossip_step)")
+    p.add_argument("--cnn-max-nodes", type=int, default=16,
+                   help="largest n for the cnn in the default sweep (default 16: dicejax's "
+                        "CNN step is ~10x slower inside lax.scan on XLA:CPU, see RESULTS.md)")
+    p.add_argument("--methods", default="dicejax,proto,reference,func,compiled",
+                   help="comma-separated; proto is a prototype (see proto_step)")
     p.add_argument("--reference-max-nodes", type=int, default=256,
                    help="skip the reference-style loop above this n (default 256)")
     p.add_argument("--compiled-max-nodes", type=int, default=1 << 30,
@@ -397,11 +475,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--lr", type=float, default=0.1)
     p.add_argument("--steps", type=int, default=None,
-                   help="T per timed run (default: about 640 node-steps for the mlp and 64 "
+                   help="T per timed run (default: about 640 node-steps for the mlp and 48 "
                         "for the cnn, clamped to [--min-steps, --max-steps])")
     p.add_argument("--min-steps", type=int, default=2)
     p.add_argument("--max-steps", type=int, default=40)
     p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--cnn-repeats", type=int, default=3,
+                   help="repeats for the cnn (default 3; its runs are long and steady)")
     p.add_argument("--check-steps", type=int, default=3,
                    help="steps of the agreement check (default 3)")
     p.add_argument("--tolerance", type=float, default=1e-5,
@@ -419,7 +499,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     if a.quick:
         a.nodes = a.nodes or "4"
         a.steps = a.steps or 4
-        a.repeats = 1
+        a.repeats = a.cnn_repeats = 1
         a.peak_size = min(a.peak_size, 1024)
     explicit_nodes = a.nodes is not None
     a.nodes = [int(x) for x in (a.nodes or "4,16,64,256").split(",") if x.strip()]
@@ -455,7 +535,8 @@ def print_tables(result: dict, console: Console) -> None:
         rows = [r for r in result["results"] if r["problem"]["model"] == model]
         if not rows:
             continue
-        table = Table(title=f"{model}: node-steps/s (median of {result['settings']['repeats']}),"
+        reps = result["settings"]["cnn_repeats" if model == "cnn" else "repeats"]
+        table = Table(title=f"{model}: node-steps/s (median of {reps}),"
                       f" B={result['settings']['batch']}, exponential graph, float32",
                       title_justify="left")
         for col in ["n", "T", *names, *(f"dj ÷ {k}" for k in names if k != "dicejax"),
@@ -493,12 +574,12 @@ def goals(result: dict) -> list[str]:
             lines.append(f"  dicejax {sp[key]:.2f}{label} (goal >= {GOALS[key]}): "
                          f"{'met' if ok else 'MISSED'}")
     ms = r["methods"]
-    if "fused" in ms:
-        rate = ms["fused"]["node_steps_per_s"]
+    if "proto" in ms:
+        rate = ms["proto"]["node_steps_per_s"]
         vs = "".join(f", {rate / ms[k]['node_steps_per_s']:.2f}x {k}"
                      for k in ("dicejax", "reference", "compiled") if k in ms)
-        lines.append(f"  prototype fused step: {rate:.0f} node-steps/s{vs}, "
-                     f"{100 * ms['fused']['gflops'] / result['peak']['peak_gflops']:.0f}% of peak")
+        lines.append(f"  prototype step (proto): {rate:.0f} node-steps/s{vs}, "
+                     f"{100 * ms['proto']['gflops'] / result['peak']['peak_gflops']:.0f}% of peak")
     frac = r["methods"]["dicejax"]["gflops"] / result["peak"]["peak_gflops"]
     frac_xla = r["methods"]["dicejax"]["gflops"] / result["peak"]["jax_gflops"]
     lines.append(f"  dicejax at {100 * frac:.0f}% of the measured matmul peak "
@@ -529,7 +610,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     machine["git"] = common.git_state()
     peak = common.matmul_peak(args.peak_size, args.device if tb is not None else None)
     if args.device == "cpu":
-        peak["bandwidth_gbs"] = common.bandwidth_gbs()
+        peak["bandwidth_gbs"] = common.bandwidth_gbs(1024)
+        peak["bandwidth_16mib_gbs"] = common.bandwidth_gbs(16)
     console.print(f"matmul peak: XLA {peak['jax_gflops']:.0f}, torch "
                   f"{peak['torch_gflops'] or float('nan'):.0f} GFLOP/s; load "
                   f"{machine['load_average'][0]:.1f}", highlight=False)

@@ -8,22 +8,30 @@ the same data, interleaved over repeats (median):
 * ``local``     — ``grads`` plus the SGD update ``θ − η g``;
 * ``gossip-dense`` / ``gossip-sparse`` — the mixing alone, dicejax's two kernels
   (:func:`dicejax.mixing.gossip_dense`, :func:`dicejax.mixing.gossip_sparse`);
-* ``gossip-fused`` — a prototype sparse kernel: an unrolled ``Σ_d w[:, d] · buf[idx[:, d]]``
-  that XLA fuses into one loop (no ``[n, D, P]`` gather buffer);
+* ``gossip-gather`` / ``gossip-rolls`` — prototype kernels: ``D`` row gathers summed per
+  leaf (``bench_simulate.gather_gossip``; no ``[n, D, P]`` buffer), and
+  ``Σ_o w_o · roll(x, o)`` over the cyclic offsets of the graph;
+* ``consensus`` / ``finite check`` — the per-step metrics of :func:`dicejax.simulate`
+  alone (each in a scan that also rescales ``θ`` by ``1 + 1e-7``, one elementwise pass, so
+  that XLA cannot hoist it), and the prototypes ``bench_simulate.consensus_by_matmul`` and
+  ``bench_simulate.finite_by_sum``;
 * ``step``      — :func:`dicejax.simulate.step`, the library's full ATC step, in a scan
   without the per-step metrics (dense and sparse mixer);
-* ``step fused (prototype)`` — ``bench_simulate.fused_gossip_step``: update and gossip
-  fused per leaf over neighbour lists;
+* ``simulate loop (prototype)`` — ``bench_simulate.proto_step``: the library's local update,
+  gossip by fused row gathers, and the per-step metrics computed the fast way (same
+  outputs);
 * ``simulate``  — :func:`dicejax.simulate` through the public API (checks included);
 * micro-benchmarks of the step's matrix products alone: the vmapped (batched) forward
   ``[n, B, D] × [n, D, H]`` and weight-gradient ``[n, D, B] × [n, B, H]`` products, and the
   same FLOPs as one unbatched product;
 * the machine's limits measured in the same run: float32 matmul peak (XLA and torch) and
-  memory bandwidth (a jitted ``y = 2x + 1`` over 256 MiB, read + write bytes).
+  memory bandwidth (a jitted ``y = 2x + 1``, read + write bytes, over 1 GiB and over
+  16 MiB, a working set like one step's, which stays in this CPU's large L3).
 
 Every row prints ms/step, GFLOP/s (model FLOPs), GB/s (XLA's ``bytes accessed``) and the
-roofline bound ``max(FLOPs / peak, bytes / bandwidth)``. Optionally dumps the optimised HLO
-of the step (``--dump DIR``). JSON to ``benchmarks/results/profile_step.json``.
+roofline bound ``max(FLOPs / peak, bytes / bandwidth)`` (with the 16 MiB bandwidth).
+Optionally dumps the optimised HLO of the step (``--dump DIR``). JSON to
+``benchmarks/results/profile_step.json``.
 
 Usage::
 
@@ -52,9 +60,18 @@ from rich.table import Table
 
 import dicejax as dj
 from benchmarks import common
-from benchmarks.bench_simulate import INPUT_SHAPE, NUM_CLASSES, fused_gossip_step, make_model
+from benchmarks.bench_simulate import (
+    INPUT_SHAPE,
+    NUM_CLASSES,
+    consensus_by_matmul,
+    finite_by_sum,
+    gather_gossip,
+    make_model,
+    neighbour_lists,
+    proto_step,
+)
 from dicejax import mixing
-from dicejax.simulate import init, step
+from dicejax.simulate import _node_finite, consensus_distance, init, step
 
 try:
     import torch
@@ -64,23 +81,25 @@ except ImportError:
 DEFAULT_OUT = common.RESULTS_DIR / "profile_step.json"
 
 
-def fused_gather_gossip(indices: jax.Array, weights: jax.Array, tree: Any) -> Any:
-    """Prototype sparse gossip: ``Σ_d weights[:, d] · x[indices[:, d]]`` unrolled over ``d``.
+def roll_gossip(matrix: np.ndarray, tree: Any) -> Any:
+    """Prototype gossip by cyclic offsets: ``W = Σ_o diag(w_o) S^o`` (``S`` the cyclic
+    shift of the node axis, ``w_o[k] = W[k, (k − o) mod n]``), ``Σ_o w_o · roll(x, o)`` per
+    leaf over the distinct offsets ``o = (k − j) mod n`` of the support."""
+    n = matrix.shape[0]
+    k, j = np.nonzero(matrix > 0)
+    offsets = np.unique((k - j) % n)
+    rows = np.arange(n)
+    weights = [matrix[rows, (rows - o) % n] for o in offsets]
 
-    Same result as :func:`dicejax.mixing.gossip_sparse` (padded slots carry weight 0 and a
-    clamped index), but written as ``D`` gathers summed elementwise, which XLA fuses into a
-    single loop over the output instead of materialising the ``[n, D, P]`` gather.
-    """
-    n, width = indices.shape
-    safe = jnp.minimum(indices, n - 1)
-
-    def mix(buf):
-        out = weights[:, 0, None].astype(buf.dtype) * jnp.take(buf, safe[:, 0], axis=0)
-        for d in range(1, width):
-            out = out + weights[:, d, None].astype(buf.dtype) * jnp.take(buf, safe[:, d], axis=0)
+    def mix(x):
+        shape = (-1,) + (1,) * (x.ndim - 1)
+        out = None
+        for o, w in zip(offsets, weights, strict=True):
+            term = jnp.asarray(w, x.dtype).reshape(shape) * jnp.roll(x, int(o), axis=0)
+            out = term if out is None else out + term
         return out
 
-    return mixing._flat_apply(mix, tree)
+    return jax.tree.map(mix, tree)
 
 
 def _cost(fn, *args) -> dict:
@@ -99,17 +118,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--model", default="mlp")
     p.add_argument("--nodes", type=int, default=16)
     p.add_argument("--batch", type=int, default=32)
-    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--steps", type=int, default=None,
+                   help="T per timed call (default min(20, max(4, 640 // n)))")
     p.add_argument("--repeats", type=int, default=7)
     p.add_argument("--dump", type=Path, default=None, help="write the step's optimised HLO")
     p.add_argument("--out", type=Path, default=DEFAULT_OUT)
     args = p.parse_args(argv)
     console = Console(width=max(140, Console().width))
-    n, T, B = args.nodes, args.steps, args.batch
+    n, B = args.nodes, args.batch
+    T = args.steps or min(20, max(4, 640 // n))
 
     machine = common.machine_info()
     peak = common.matmul_peak(2048, "cpu" if torch is not None else None)
-    bw = common.bandwidth_gbs()
+    bw_l3 = common.bandwidth_gbs(16)  # a working set like the step's (cache-resident)
+    bw = common.bandwidth_gbs(1024)  # DRAM
     model = make_model(args.model)
     loss_fn = dj.models.make_loss_fn(model)
     params = dj.models.init_params(model, jax.random.PRNGKey(0), INPUT_SHAPE, num_nodes=n)
@@ -132,6 +154,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             return jax.lax.scan(lambda c, b: (body(c, b), None), params, batches)[0]
         return run
 
+    def metric_scan(fn):  # a per-step metric of the parameters, T times
+        @jax.jit
+        def run(params):
+            def body(c, _):
+                return jax.tree.map(lambda x: x * (1 + 1e-7), c), fn(c)
+            return jax.lax.scan(body, params, None, length=T)[1]
+        return run
+
     def body_grads(c, b):  # the gradients are reduced to a scalar: no parameter write
         params, acc = c
         g = grads_fn(params, b)
@@ -142,7 +172,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return jax.tree.map(lambda p, gg: p - 0.1 * gg, c, g)
 
     state0 = init(params, opt)
-    fused = fused_gossip_step(loss_fn, opt, np.asarray(topo.matrix))
+    proto = proto_step(loss_fn, opt, np.asarray(topo.matrix))
+    lists = neighbour_lists(np.asarray(topo.matrix, np.float32))
     b0 = jax.tree.map(lambda a: a[0], batches)
 
     @jax.jit
@@ -158,9 +189,18 @@ def main(argv: Sequence[str] | None = None) -> int:
                     return mixing.gossip_dense(dense.matrices[0], c), None
                 if kind == "sparse":
                     return mixing.gossip_sparse(sparse.indices, sparse.weights[0], c), None
-                return fused_gather_gossip(sparse.indices, sparse.weights[0], c), None
+                if kind == "rolls":
+                    return roll_gossip(np.asarray(topo.matrix), c), None
+                return gather_gossip(lists[0], lists[1], c), None
             return jax.lax.scan(body, params, None, length=T)[0]
         return run
+
+    run_grads, run_local = scan(body_grads), scan(body_local)
+    run_gossip = {k: gossip_scan(k) for k in ("dense", "sparse", "gather", "rolls")}
+    run_consensus = metric_scan(consensus_distance)
+    run_consensus_mm = metric_scan(consensus_by_matmul)
+    run_finite = metric_scan(_node_finite)
+    run_finite_sum = metric_scan(finite_by_sum)
 
     # matrix products of the first dense layer alone (MLP) for the micro-benchmarks
     micro = {}
@@ -183,32 +223,38 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     flops_step = (train_flops or 0) + 2 * nnz * p_node
     rows: dict[str, dict] = {
-        "grads": {"fn": lambda: scan(body_grads)((params, jnp.zeros(())), batches),
+        "grads": {"fn": lambda: run_grads((params, jnp.zeros(())), batches),
                   "flops": train_flops,
                   "cost": _cost(grads_fn, params, b0)},
-        "local": {"fn": lambda: scan(body_local)(params, batches), "flops": train_flops,
+        "local": {"fn": lambda: run_local(params, batches), "flops": train_flops,
                   "cost": _cost(body_local, params, b0)},
-        "gossip-dense": {"fn": lambda: gossip_scan("dense")(params),
+        "gossip-dense": {"fn": lambda: run_gossip["dense"](params),
                          "flops": 2 * n * n * p_node,
                          "cost": _cost(lambda p: mixing.gossip_dense(dense.matrices[0], p),
                                        params)},
-        "gossip-sparse": {"fn": lambda: gossip_scan("sparse")(params),
+        "gossip-sparse": {"fn": lambda: run_gossip["sparse"](params),
                           "flops": 2 * nnz * p_node,
                           "cost": _cost(lambda p: mixing.gossip_sparse(
                               sparse.indices, sparse.weights[0], p), params)},
-        "gossip-fused": {"fn": lambda: gossip_scan("fused")(params),
-                         "flops": 2 * nnz * p_node,
-                         "cost": _cost(lambda p: fused_gather_gossip(
-                             sparse.indices, sparse.weights[0], p), params)},
+        "gossip-gather (prototype)": {
+            "fn": lambda: run_gossip["gather"](params), "flops": 2 * nnz * p_node,
+            "cost": _cost(lambda p: gather_gossip(lists[0], lists[1], p), params)},
+        "gossip-rolls (prototype)": {
+            "fn": lambda: run_gossip["rolls"](params), "flops": 2 * nnz * p_node,
+            "cost": _cost(lambda p: roll_gossip(np.asarray(topo.matrix), p), params)},
+        "consensus (library)": {"fn": lambda: run_consensus(params)},
+        "consensus (matmul, prototype)": {"fn": lambda: run_consensus_mm(params)},
+        "finite check (library)": {"fn": lambda: run_finite(params)},
+        "finite check (row sum, prototype)": {"fn": lambda: run_finite_sum(params)},
         "step (dense)": {"fn": lambda: run_step(state0, batches, dense), "flops": flops_step,
                          "cost": _cost(lambda st, b: step(loss_fn, opt, dense, st, b)[0].params,
                                        state0, b0)},
         "step (sparse)": {"fn": lambda: run_step(state0, batches, sparse), "flops": flops_step,
                           "cost": _cost(lambda st, b: step(loss_fn, opt, sparse, st,
                                                            b)[0].params, state0, b0)},
-        "step fused (prototype)": {
-            "fn": lambda: fused(params, state0.opt_state, batches)[0], "flops": flops_step,
-            "cost": _cost(lambda p, s, b: fused(p, s, b)[0], params, state0.opt_state,
+        "simulate loop (prototype)": {
+            "fn": lambda: proto(params, state0.opt_state, batches)[0], "flops": flops_step,
+            "cost": _cost(lambda p, s, b: proto(p, s, b)[0], params, state0.opt_state,
                           jax.tree.map(lambda a: a[:1], batches))},
         "simulate": {"fn": lambda: dj.simulate(loss_fn, params, batches, topo, opt,
                                                record=False).final_params,
@@ -227,7 +273,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     table = Table(title=f"{args.model}, n={n}, B={B}, {p_node} params/node, T={T} steps per "
                         f"call, median of {args.repeats}; matmul peak XLA "
                         f"{peak['jax_gflops']:.0f} / torch {peak['torch_gflops'] or 0:.0f} "
-                        f"GFLOP/s, bandwidth {bw:.1f} GB/s", title_justify="left")
+                        f"GFLOP/s, bandwidth {bw:.1f} GB/s (1 GiB; 16 MiB: {bw_l3:.1f})",
+                  title_justify="left")
     for col in ("part", "ms / step", "model GFLOP/s", "% of peak", "XLA bytes/step",
                 "GB/s", "roofline ms"):
         table.add_column(col, justify="right")
@@ -239,7 +286,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         gf = fl / per / 1e9 if fl else None
         cost = r.get("cost") or {}
         by = cost.get("bytes")
-        roof = max((fl or 0) / (peak["peak_gflops"] * 1e9), (by or 0) / (bw * 1e9)) \
+        roof = max((fl or 0) / (peak["peak_gflops"] * 1e9), (by or 0) / (bw_l3 * 1e9)) \
             if (fl or by) else None
         out_rows[k] = {"seconds_per_step": per, "gflops": gf, "flops_per_step": fl,
                        "xla_bytes_per_step": by, "roofline_s": roof, "times_s": times[k]}
@@ -255,8 +302,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         (args.dump / f"step_{args.model}_n{n}_dense.hlo.txt").write_text(hlo)
         console.print(f"wrote {args.dump}")
     result = {"benchmark": "profile_step", "machine": machine, "peak": peak,
-              "bandwidth_gbs": bw, "settings": vars(args) | {"out": str(args.out),
-                                                             "dump": str(args.dump)},
+              "bandwidth_gbs": bw, "bandwidth_16mib_gbs": bw_l3,
+              "settings": vars(args) | {"out": str(args.out), "dump": str(args.dump)},
               "params_per_node": p_node, "rows": out_rows,
               "load_average_end": common.load_average()}
     common.write_json(args.out, result)
