@@ -24,7 +24,7 @@ from dicejax import topology as tp
 from dicejax.apps import collaborators as co
 from dicejax.commands import rewire as rewire_cmd
 from dicejax.experiments.common import RunConfig
-from dicejax.experiments.rewire import attacker_weight, rewiring
+from dicejax.experiments.rewire import attacker_weight, default_keep, rewiring
 from dicejax.influence import proximal, proximal_steps
 from dicejax.simulate import simulate
 
@@ -245,7 +245,8 @@ def run_rewire(argv):
 def test_rewire_cli_on_digits(tmp_path):
     out = tmp_path / "rw"
     argv = ["rewire", "--dataset", "digits", "--nodes", "16", "--topology", "exponential",
-            "--steps", "60", "--period", "20", "--keep", "2", "--seeds", "2",
+            "--steps", "60", "--period", "20", "--keep", "2", "--candidates", "graph",
+            "--seeds", "2",
             "--attackers", "random:4", "--out", str(out)]
     assert run_rewire(argv) == 0
     result = json.loads((out / "rewire.json").read_text())
@@ -291,3 +292,8 @@ def test_rewire_cli_on_digits(tmp_path):
 def test_rewiring_validation(kwargs, name):
     with pytest.raises(ValueError, match=name):
         rewiring(RunConfig(nodes=16, steps=10), **{"period": 5, **kwargs})
+
+
+def test_default_keep_is_the_in_degree():
+    assert default_keep(RunConfig(nodes=32, topology="exponential")) == 5
+    assert default_keep(RunConfig(nodes=16, topology="ring")) == 2

@@ -31,10 +31,12 @@ def register(subparsers, run_args: Callable[[argparse.ArgumentParser], None],
     p.add_argument("--attackers", type=_attackers, default=None,
                    help="attacking node ids (e.g. 3,17) or random:K for K random attackers "
                         "per seed (default: a quarter of the nodes, at random)")
-    p.add_argument("--keep", type=int, default=3, help="in-neighbours each node keeps")
+    p.add_argument("--keep", type=int, default=None,
+                   help="in-neighbours each node keeps (default: the graph's in-degree)")
     p.add_argument("--period", type=int, default=25, help="steps between rewirings")
-    p.add_argument("--candidates", default="graph", choices=("graph", "all"),
-                   help="choose among the starting graph's in-neighbours, or all nodes")
+    p.add_argument("--candidates", default="all", choices=("all", "graph"),
+                   help="choose among all nodes (default) or the starting graph's "
+                        "in-neighbours")
     p.add_argument("--stride", type=int, default=1,
                    help="score every STRIDE-th step of each period")
     p.add_argument("--decay", type=float, default=1.0,

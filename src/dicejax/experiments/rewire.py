@@ -36,6 +36,7 @@ from dicejax.experiments.common import (
     build,
     cached_optimizer,
     evaluate_params,
+    make_topology,
     pick_attackers,
     summarize,
 )
@@ -71,12 +72,12 @@ def rewiring(
     config: RunConfig,
     attack: str = "label_permutation",
     attackers: int | Sequence[int] | None = None,
-    keep: int = 3,
+    keep: int | None = None,
     period: int = 25,
     seeds: Sequence[int] = (0, 1, 2, 3, 4),
     arms: Sequence[str] = ARMS,
     *,
-    candidates: str = "graph",
+    candidates: str = "all",
     stride: int = 1,
     decay: float = 1.0,
     std: float = 10.0,
@@ -93,13 +94,14 @@ def rewiring(
       attack: one of :data:`dicejax.experiments.anomaly.ATTACKS`.
       attackers: node indices, or a count drawn at random per seed (default: a quarter of
         the nodes).
-      keep: in-neighbours each node keeps (rewired arms).
+      keep: in-neighbours each node keeps (rewired arms; default: the starting graph's
+        largest in-degree, so rewiring keeps the degree).
       period: steps between rewirings.
       seeds: seeds of data, initialisation, corruption and attackers.
       arms: a subset of :data:`ARMS`.
-      candidates: whom a node may choose from: ``graph`` (its in-neighbours in the
-        starting graph) or ``all`` (every other node; the starting graph is only the first
-        period's choice).
+      candidates: whom a node may choose from: ``all`` (every other node; the starting
+        graph is only the first period's choice) or ``graph`` (its in-neighbours in the
+        starting graph; then ``keep`` must be below the in-degree for any choice).
       stride: score every ``stride``-th step of each period (``influence`` arm).
       decay: per-step discount of older influence (``influence`` arm).
       std: noise standard deviation for ``gaussian_noise``.
@@ -121,6 +123,8 @@ def rewiring(
     seeds = list(seeds)
     if not seeds or not all(isinstance(s, int | np.integer) for s in seeds):
         raise ValueError(f"seeds: must be a non-empty sequence of integers, got {seeds!r}")
+    if keep is None:
+        keep = default_keep(config)
     if isinstance(keep, bool) or not isinstance(keep, int) or keep < 1:
         raise ValueError(f"keep: must be a positive integer, got {keep!r}")
     if isinstance(period, bool) or not isinstance(period, int) or not 1 <= period < config.steps:
@@ -157,6 +161,12 @@ def rewiring(
                                     for r in per_seed]) for a in arms if a != "fixed"}
     out["wall_seconds"] = time.perf_counter() - start
     return out
+
+
+def default_keep(config: RunConfig) -> int:
+    """The starting graph's largest in-degree (self-loops not counted)."""
+    support = make_topology(config.topology, config.nodes, config.seed).support
+    return int((support & ~np.eye(config.nodes, dtype=bool)).sum(axis=1).max())
 
 
 def attacker_weight(schedule: jax.Array, attackers: Sequence[int]) -> np.ndarray:
@@ -217,4 +227,4 @@ def _one_seed(config: RunConfig, attack: str, corruption, attackers, keep: int, 
     return {"seed": config.seed, "attackers": chosen, "arms": results}
 
 
-__all__ = ["ARMS", "attacker_weight", "rewiring"]
+__all__ = ["ARMS", "attacker_weight", "default_keep", "rewiring"]
