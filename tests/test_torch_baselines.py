@@ -4,8 +4,8 @@ A benchmark against a baseline that computes something else is worthless, so eve
 baseline in ``benchmarks/torch_baselines.py`` is checked here against dicejax from the same
 initial weights, batches and mixing matrix, on tiny float64 problems: the reference-style
 per-node loop, stacked ``torch.func`` (dense and neighbour-list gossip), ``torch.compile``
-(float32, inductor), one-hop DICE-E and walk-enumerated multi-hop DICE-E with
-double-backward HVPs (and the network-level reading).
+(float32; the tracing that inductor also uses), one-hop DICE-E and walk-enumerated multi-hop
+DICE-E with double-backward HVPs (and the network-level reading).
 """
 
 from __future__ import annotations
@@ -76,7 +76,7 @@ def test_layouts_round_trip_and_give_the_same_loss(name):
 
 @pytest.mark.parametrize("name", ["mlp", "cnn"])
 def test_simulators_match_dicejax_from_the_same_weights(name):
-    model, params, x, y, w, _ = _problem(name)
+    model, params, x, y, w, _ = _problem(name, steps=2)
     traj = dj.simulate(dj.models.make_loss_fn(model), params,
                        {"x": jnp.asarray(x), "y": jnp.asarray(y)}, w, optax.sgd(0.3),
                        record=False)
@@ -115,8 +115,11 @@ def test_compiled_func_matches_dicejax_in_float32():
 
 @pytest.fixture(scope="module")
 def recorded():
-    """A float64 run recorded by both frameworks from the same weights (6 steps, n=5)."""
-    model, params, x, y, w, (px, py) = _problem("mlp", n=5, steps=6)
+    """A float64 run recorded by both frameworks from the same weights (5 steps, n=5), and
+    dicejax's three-hop DICE-E cascade at step 1 (what ``dice_e`` and ``dice_e_network``
+    reduce: ``dice_e(hops=r) = direct + Σ_{s ≤ r} per_hop[s-1]``,
+    ``dice_e_network(horizon=h) = network(h)``)."""
+    model, params, x, y, w, (px, py) = _problem("mlp", n=5, steps=5)
     loss_fn = dj.models.make_loss_fn(model)
     traj = dj.simulate(loss_fn, params, {"x": jnp.asarray(x), "y": jnp.asarray(y)}, w,
                        optax.sgd(0.3), record=True)
@@ -126,30 +129,35 @@ def recorded():
     rec = tb.Recorded(sim, xs, ys, tb.to_torch_images(px, torch.float64),
                       tb.to_torch_labels(py), w, 0.3)
     probe = {"x": jnp.asarray(px), "y": jnp.asarray(py)}
-    return loss_fn, traj, probe, rec
+    cascade = dj.influence.e_cascade(loss_fn, traj, probe, step=1, hops=3)
+    return cascade, rec
+
+
+def _close(got, want):
+    want = np.asarray(want)
+    assert np.abs(want).max() > 0
+    np.testing.assert_allclose(got, want, rtol=1e-9, atol=1e-12 * np.abs(want).max())
 
 
 def test_one_hop_dice_e_matches_dicejax(recorded):
-    loss_fn, traj, probe, rec = recorded
-    want = np.asarray(dj.influence.dice_e(loss_fn, traj, probe, step=2, hops=1))
-    got = tb.dice_e_one_hop(rec, 2)
-    np.testing.assert_allclose(got, want, rtol=1e-9, atol=1e-12 * np.abs(want).max())
-    assert np.abs(want).max() > 0
+    cascade, rec = recorded
+    _close(tb.dice_e_one_hop(rec, 1), cascade.direct + cascade.per_hop[0])
 
 
-@pytest.mark.parametrize("hops", [1, 2, 3])
-def test_walk_enumeration_matches_dicejax(recorded, hops):
-    loss_fn, traj, probe, rec = recorded
+def test_walk_enumeration_matches_dicejax(recorded):
+    """Three hops: walks of length 1, 2 and 3 (chains of 0, 1 and 2 HVPs) all contribute."""
+    cascade, rec = recorded
     rec.clear()
-    want = np.asarray(dj.influence.dice_e(loss_fn, traj, probe, step=1, hops=hops))
-    got, count = tb.dice_e_walks(rec, 1, hops)
-    np.testing.assert_allclose(got, want, rtol=1e-9, atol=1e-12 * np.abs(want).max())
+    got, count = tb.dice_e_walks(rec, 1, 3)
+    _close(got, cascade.total)
+    got2, _ = tb.dice_e_walks(rec, 1, 2)
+    _close(got2, cascade.direct + cascade.per_hop[0] + cascade.per_hop[1])
     # the counts are those of explicit enumeration
-    mats = rec.matrices[1 : 1 + hops]
+    mats = rec.matrices[1:4]
     sh = tb.shells(mats)
     walks = hvps = 0
     for j in range(rec.n):
-        for s in range(1, hops + 1):
+        for s in range(1, 4):
             for path in itertools.product(range(rec.n), repeat=s):
                 full = (j, *path)
                 if all(mats[m][full[m + 1], full[m]] > 0 for m in range(s)) \
@@ -159,11 +167,11 @@ def test_walk_enumeration_matches_dicejax(recorded, hops):
     assert count == {"walks": walks, "hvps": hvps}
 
 
-def test_network_walks_match_the_adjoint(recorded):
-    loss_fn, traj, probe, rec = recorded
-    want = np.asarray(dj.influence.dice_e_network(loss_fn, traj, probe, step=1, horizon=2))
-    got, _ = tb.dice_e_walks(rec, 1, 2, network=True)
-    np.testing.assert_allclose(got, want, rtol=1e-9, atol=1e-12 * np.abs(want).max())
+@pytest.mark.parametrize("horizon", [1, 2])
+def test_network_walks_match_dicejax(recorded, horizon):
+    cascade, rec = recorded
+    got, _ = tb.dice_e_walks(rec, 1, horizon, network=True)
+    _close(got, cascade.network(horizon))
 
 
 def test_shells_match_dicejax(rng):
