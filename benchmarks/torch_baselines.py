@@ -383,6 +383,9 @@ class FuncSim:
             return {k: p.reshape(h.shape) for k, p, h in zip(names, parts, half, strict=True)}
 
         if compile:
+            # every FuncSim defines a new `step`, but dynamo counts recompilations per code
+            # object and falls back to eager after `recompile_limit` (8): start afresh
+            torch._dynamo.reset()
             step = torch.compile(step) if compile is True else torch.compile(step,
                                                                               backend=compile)
         self.step = step
