@@ -22,8 +22,8 @@ the same data, interleaved over repeats (median):
   outputs);
 * ``simulate``  — :func:`dicejax.simulate` through the public API (checks included);
 * micro-benchmarks of the step's matrix products alone: the vmapped (batched) forward
-  ``[n, B, D] × [n, D, H]`` and weight-gradient ``[n, D, B] × [n, B, H]`` products, and the
-  same FLOPs as one unbatched product;
+  ``[n, B, D] × [n, D, H]`` and weight-gradient ``[n, D, B] × [n, B, H]`` products, the
+  same FLOPs as one unbatched product, and the two batched products as ``torch.bmm``;
 * the machine's limits measured in the same run: float32 matmul peak (XLA and torch) and
   memory bandwidth (a jitted ``y = 2x + 1``, read + write bytes, over 1 GiB and over
   16 MiB, a working set like one step's, which stays in this CPU's large L3).
@@ -260,6 +260,12 @@ def main(argv: Sequence[str] | None = None) -> int:
                                                record=False).final_params,
                      "flops": flops_step},
     }
+    if micro and torch is not None:  # the same batched products in PyTorch (MKL / oneDNN)
+        tx, tw, tg = (torch.from_numpy(np.array(a)) for a in (xa, wa, ga))
+        micro["torch.bmm fwd [n,B,D]x[n,D,H]"] = (lambda: torch.bmm(tx, tw), (),
+                                                   2 * n * B * d * h)
+        micro["torch.bmm wgrad [n,D,B]x[n,B,H]"] = (
+            lambda: torch.bmm(tx.transpose(1, 2), tg), (), 2 * n * B * d * h)
     for name, (fn, fargs, fl) in micro.items():
         rows[name] = {"fn": (lambda fn=fn, fargs=fargs: fn(*fargs)), "flops": fl, "micro": True}
 
