@@ -639,12 +639,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "failures": failures,
         "wall_s": total,
     }
-    out = common.write_json(args.out, result)
-    print(f"wrote {out}")
-    if failures:
-        print("NUMERICAL DISAGREEMENT:\n  " + "\n  ".join(failures), file=sys.stderr)
-        return 1
-    return 0
+    return common.finish(args.out, result, failures)
 
 
 if __name__ == "__main__":

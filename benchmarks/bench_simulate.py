@@ -660,12 +660,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     result["wall_s"] = time.perf_counter() - wall
     print_tables(result, console)
     console.print(f"total wall time {result['wall_s']:.1f} s", highlight=False)
-    out = common.write_json(args.out, result)
-    console.print(f"wrote {out}", highlight=False)
-    if failures:
-        print("NUMERICAL DISAGREEMENT:\n  " + "\n  ".join(failures), file=sys.stderr)
-        return 1
-    return 0
+    return common.finish(args.out, result, failures,
+                         lambda text: console.print(text, highlight=False))
 
 
 if __name__ == "__main__":

@@ -8,13 +8,11 @@ average at start and end, versions and the git state, and writes JSON atomically
 from __future__ import annotations
 
 import datetime
-import json
 import os
 import platform
 import statistics
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -26,7 +24,7 @@ import jax.numpy as jnp
 import jaxlib
 import numpy as np
 
-from dicejax.experiments.common import to_jsonable
+from dicejax.experiments.common import save_json
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 
@@ -182,21 +180,18 @@ class PeakRSS:
 
 
 def write_json(path: Path, obj: Any) -> Path:
-    """Writes JSON atomically: a temporary file in the same folder, then ``os.replace``."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(to_jsonable(obj), f, indent=2)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; give it a normal file's mode
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    """Writes JSON atomically (:func:`dicejax.experiments.common.save_json`)."""
+    return save_json(path, obj)
+
+
+def finish(path: Path, result: dict, failures: Sequence[str],
+           echo: Callable[[str], Any] = print) -> int:
+    """Writes the result JSON, reports any numerical disagreement; the exit status."""
+    echo(f"wrote {write_json(path, result)}")
+    if failures:
+        print("NUMERICAL DISAGREEMENT:\n  " + "\n  ".join(failures), file=sys.stderr)
+        return 1
+    return 0
 
 
 def bandwidth_gbs(mib: int = 256, repeats: int = 10) -> float:

@@ -10,7 +10,7 @@ from pathlib import Path
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
 from dicejax import report
-from dicejax.commands import MODULES
+from dicejax.commands import MODULES, save_results
 from dicejax.experiments.common import RunConfig, save_json
 
 
@@ -67,9 +67,7 @@ def cmd_train(a: argparse.Namespace) -> int:
     report.console.print(
         f"mean test accuracy {s['mean_accuracy']:.4f} (min {s['min_accuracy']:.4f}) after "
         f"{config.steps} steps; {s['node_steps_per_second']:.0f} node-steps/s")
-    path = save_json(out / "train.json", s)
-    fig = report.training_figure(s, out / "train.png")
-    report.console.print(f"saved {path} and {fig}")
+    save_results(out, "train", s, {"train.png": report.training_figure})
     return 0
 
 

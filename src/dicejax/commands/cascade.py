@@ -18,7 +18,8 @@ from rich.table import Table
 
 from dicejax import report
 from dicejax import topology as topo_lib
-from dicejax.experiments.common import RunConfig, save_json
+from dicejax.commands import save_results
+from dicejax.experiments.common import RunConfig
 
 #: Where the designed matrix lives in the project checkout, relative to the repository root.
 DEFAULT_MATRIX = os.path.join("..", "shared", "data", "dice_designed16.csv")
@@ -54,10 +55,8 @@ def _run(a: argparse.Namespace, make_config: Callable[[argparse.Namespace], RunC
         f"Spearman(out-weight, |network influence|): {result['spearman']:.4f} at hop "
         f"{result['hops']} (GT), {result['spearman_e']:.4f} (DICE-E); per hop 1..r: {hop}; "
         f"mean test accuracy {result['mean_accuracy']:.4f}; {result['wall_seconds']:.1f} s")
-    path = save_json(out / "cascade.json", result)
-    fig = cascade_figure(result, a.matrix, out / "cascade.png")
-    report.console.print(f"saved {path} and {fig}")
-    return 0
+    return save_results(out, "cascade", result, {
+        "cascade.png": lambda r, path: cascade_figure(r, a.matrix, path)})
 
 
 def cascade_table(result: dict) -> Table:

@@ -25,7 +25,8 @@ from rich.table import Table
 
 from dicejax import attacks, report
 from dicejax.apps.contribution import contributions
-from dicejax.experiments.common import RunConfig, build, save_json
+from dicejax.commands import save_results
+from dicejax.experiments.common import RunConfig, build
 from dicejax.simulate import evaluate_nodes, final_state, simulate
 
 
@@ -127,10 +128,7 @@ def _run(a: argparse.Namespace, make_config: Callable[[argparse.Namespace], RunC
         f"honest share mean {result['honest_mean_share']:.4f} (min "
         f"{result['honest_min_share']:.4f}); permuted {_fmt(result['permuted_shares'])}; "
         f"free-riders {_fmt(result['free_rider_shares'])}; {result['wall_seconds']:.1f} s")
-    path = save_json(out / "contribute.json", result)
-    fig = contribution_figure(result, out / "contribute.png")
-    report.console.print(f"saved {path} and {fig}")
-    return 0
+    return save_results(out, "contribute", result, {"contribute.png": contribution_figure})
 
 
 def _fmt(values) -> str:

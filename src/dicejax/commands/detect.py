@@ -14,8 +14,9 @@ import numpy as np
 from rich.table import Table
 
 from dicejax import report
+from dicejax.commands import save_results
 from dicejax.experiments.anomaly import ATTACKS
-from dicejax.experiments.common import RunConfig, save_json
+from dicejax.experiments.common import RunConfig
 
 
 def _attackers(text: str) -> int | list[int]:
@@ -70,10 +71,7 @@ def _run(a: argparse.Namespace, make_config: Callable[[argparse.Namespace], RunC
         f"precision {result['precision']['mean']:.4f}, recall {result['recall']['mean']:.4f} "
         f"at z > {result['threshold']} over {len(seeds)} seeds; "
         f"{result['wall_seconds']:.1f} s")
-    path = save_json(out / "detect.json", result)
-    fig = roc_figure(result, out / "detect_roc.png")
-    report.console.print(f"saved {path} and {fig}")
-    return 0
+    return save_results(out, "detect", result, {"detect_roc.png": roc_figure})
 
 
 def detection_table(result: dict) -> Table:

@@ -14,9 +14,10 @@ import numpy as np
 from rich.table import Table
 
 from dicejax import report
+from dicejax.commands import save_results
 from dicejax.commands.detect import _attackers
 from dicejax.experiments.anomaly import ATTACKS
-from dicejax.experiments.common import RunConfig, save_json
+from dicejax.experiments.common import RunConfig
 from dicejax.experiments.rewire import ARMS
 
 
@@ -73,10 +74,7 @@ def _run(a: argparse.Namespace, make_config: Callable[[argparse.Namespace], RunC
             f"influence-guided rewiring vs fixed graph: honest accuracy "
             f"{g['mean']:+.4f} ± {g['std']:.4f} (higher in {wins}/{len(seeds)} seeds); "
             f"{result['wall_seconds']:.0f} s")
-    path = save_json(out / "rewire.json", result)
-    fig = rewire_figure(result, out / "rewire.png")
-    report.console.print(f"saved {path} and {fig}")
-    return 0
+    return save_results(out, "rewire", result, {"rewire.png": rewire_figure})
 
 
 def rewire_table(result: dict) -> Table:

@@ -16,7 +16,8 @@ from rich import box
 from rich.table import Table
 
 from dicejax import report
-from dicejax.experiments.common import RunConfig, save_json
+from dicejax.commands import save_results
+from dicejax.experiments.common import RunConfig
 
 # (metric, header, format of mean and std); the JSON has every metric at full precision.
 _COLUMNS = (("val_loss", "val loss", ".3f"), ("test_loss", "test loss", ".3f"),
@@ -83,10 +84,8 @@ def run(a: argparse.Namespace, make_config: Callable[[argparse.Namespace], RunCo
         f"objective {result['objective']} ({result['parameterization']}, "
         f"{result['opt_steps']} Adam steps); {len(result['seeds'])} seeds in "
         f"{result['wall_seconds']:.1f} s")
-    path = save_json(out / "topo_opt.json", result)
-    figs = [graph_figure(result, out / "topo_opt_graph.png"),
-            curves_figure(result, out / "topo_opt_curves.png")]
-    report.console.print(f"saved {path}, {figs[0]} and {figs[1]}")
+    save_results(out, "topo_opt", result, {"topo_opt_graph.png": graph_figure,
+                                           "topo_opt_curves.png": curves_figure})
     return 0
 
 
