@@ -70,9 +70,14 @@ def test_sparse_weights_are_differentiable(rng):
 
 
 def test_choose_method():
-    assert mixing.choose_method(16, 5) == "dense"
+    # sparse (fused row gathers) once the padded degree is at most n / 3, from 8 nodes
+    assert mixing.choose_method(16, 5) == "sparse"
+    assert mixing.choose_method(16, 6) == "dense"
+    assert mixing.choose_method(8, 2) == "sparse"
+    assert mixing.choose_method(7, 2) == "dense"
     assert mixing.choose_method(1024, 11) == "sparse"
     assert mixing.choose_method(1024, 512) == "dense"
+    assert mixing.choose_method(16, 5, "dense") == "dense"
     assert mixing.choose_method(16, 5, "sparse") == "sparse"
     with pytest.raises(ValueError, match="method"):
         mixing.choose_method(16, 5, "fastest")

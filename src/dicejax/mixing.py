@@ -4,15 +4,16 @@ Every leaf of the pytree carries the node axis first (``[n, ...]``). Two kernels
 same thing:
 
 * :func:`gossip_dense` — one contraction with the dense matrix ``W`` ``[n, n]``; cost
-  ``O(n² P)`` for ``P`` parameters per node. Best for small or dense graphs, and the form that
-  gradients with respect to ``W`` are usually taken through.
+  ``O(n² P)`` for ``P`` parameters per node. It flattens all leaves of one dtype into a
+  single ``[n, P]`` buffer first, so a step is one matrix product instead of one per leaf.
+  The form that gradients with respect to ``W`` are usually taken through.
 * :func:`gossip_sparse` — a padded neighbour-list gather (jax-md's dense neighbour format:
   ``indices [n, D]`` padded with the out-of-range value ``n``) and a weighted sum over the
-  ``D`` in-neighbours; cost ``O(n D P)``. Best for large sparse graphs. The weights are
+  ``D`` in-neighbours; cost ``O(n D P)``. Per leaf, unrolled over the ``D`` slots
+  (``Σ_d w[:, d] · x[indices[:, d]]``), so XLA fuses the row gathers and the sum into one
+  loop: no ``[n, D, P]`` gather buffer and no concatenation of leaves. The default whenever
+  the padded degree is well below ``n`` (see :func:`choose_method`). The weights are
   gathered from ``W`` so gradients with respect to ``W`` flow here too.
-
-Both flatten all leaves of one dtype into a single ``[n, P]`` buffer first, so a step is one
-matrix product (or one gather) instead of one per leaf.
 """
 
 from __future__ import annotations
@@ -27,9 +28,16 @@ PyTree = Any
 Method = Literal["auto", "dense", "sparse"]
 
 # "auto" picks the sparse kernel when the graph has at least this many nodes ...
-SPARSE_MIN_NODES = 64
-# ... and each node has at most this fraction of the nodes as in-neighbours.
-SPARSE_MAX_FILL = 0.125
+SPARSE_MIN_NODES = 8
+# ... and each node has at most this fraction of the nodes as in-neighbours (padded degree D,
+# self included). Measured (benchmarks/RESULTS.md §2, finding 3: exponential graphs,
+# MLP-sized leaves, gossip alone; compare ratios, the machine was loaded): the fused gather
+# kernel took 2.5 ms vs 9.6 ms dense at n = 16 (D = 5), 11.5 vs 47 at n = 64 (D = 7) and
+# 124 vs 377 at n = 256 (D = 9), and on a quiet machine it already matched dense at n = 16,
+# D = 5 (1.26 vs 1.25 ms). So the break-even fill D / n lies near 5 / 16 ≈ 0.31 or above:
+# D <= n / 3 picks sparse for those graphs and keeps denser ones on the single matrix
+# product. Below 8 nodes the dense product is a handful of FLOPs per parameter either way.
+SPARSE_MAX_FILL = 1 / 3
 
 
 def choose_method(n: int, max_in_degree: int, method: Method = "auto") -> str:
@@ -39,7 +47,7 @@ def choose_method(n: int, max_in_degree: int, method: Method = "auto") -> str:
       n: number of nodes.
       max_in_degree: ``D``, the width of the padded neighbour list (self included).
       method: ``"dense"`` or ``"sparse"`` force a kernel; ``"auto"`` picks sparse for graphs
-        with ``n >= 64`` nodes and ``D <= n / 8``.
+        with ``n >= SPARSE_MIN_NODES`` (8) nodes and ``D <= SPARSE_MAX_FILL · n`` (``n / 3``).
 
     Returns:
       ``"dense"`` or ``"sparse"``.
@@ -100,19 +108,22 @@ def gossip_sparse(indices: jax.Array, weights: jax.Array, tree: PyTree) -> PyTre
       tree: pytree, every leaf ``[n, ...]``.
 
     Returns:
-      The pytree with leaf ``x`` replaced by ``Σ_d weights[k, d] x[indices[k, d]]``.
+      The pytree with leaf ``x`` replaced by ``Σ_d weights[k, d] x[indices[k, d]]``
+      (weights cast to the leaf's dtype; padded slots gather zeros).
     """
+    num_slots = indices.shape[1]
 
-    def mix(buf):
-        gathered = jnp.take(buf, indices, axis=0, mode="fill", fill_value=0)  # [n, D, P]
-        return jnp.einsum(
-            "kd,kdp->kp",
-            weights.astype(buf.dtype),
-            gathered,
-            precision=jax.lax.Precision.HIGHEST,
-        )
+    def mix(x):
+        bcast = (-1,) + (1,) * (x.ndim - 1)
+        w = weights.astype(x.dtype)
+        out = None
+        for d in range(num_slots):  # D is static: one fused gather-and-sum loop per leaf
+            row = jnp.take(x, indices[:, d], axis=0, mode="fill", fill_value=0)
+            term = w[:, d].reshape(bcast) * row
+            out = term if out is None else out + term
+        return out
 
-    return _flat_apply(mix, tree)
+    return jax.tree.map(mix, tree)
 
 
 def gossip(mixer: tuple[str, Any], tree: PyTree) -> PyTree:
