@@ -8,7 +8,9 @@ All node states are one pytree with a leading node axis ``n``. One step (DESIGN 
 
 A whole run is one ``lax.scan`` inside one ``jit`` (compiled once per shapes and static
 configuration). Long runs can be fed in chunks (an iterator of batch chunks, or
-``chunk_steps``), with results identical to a single scan.
+``chunk_steps``), with results identical to a single scan; with ``unroll=k`` each chunk runs
+as fully unrolled scans of ``k`` steps (XLA:CPU's convolutions are much faster outside a
+``while`` loop; the default picks this for convolutional models on CPU).
 
 The jax-md style building blocks are :func:`init` (a :class:`NodeState`), :func:`local_update`
 (one node's adapt step), :func:`step` (one ATC step of every node) and :func:`simulate`
@@ -275,11 +277,12 @@ def step(
 
 @functools.partial(
     jax.jit,
-    static_argnames=("loss_fn", "optimizer", "record", "eval_fn", "eval_every", "num_nodes"),
+    static_argnames=("loss_fn", "optimizer", "record", "eval_fn", "eval_every", "num_nodes",
+                     "full_unroll"),
 )
 def _run_chunk(
     state, batches, scales, mixer, eval_batch, *, loss_fn, optimizer, record, eval_fn, eval_every,
-    num_nodes=None,
+    num_nodes=None, full_unroll=False,
 ):
     def body(state, xs):
         batch, scale = xs
@@ -301,7 +304,73 @@ def _run_chunk(
             )
         return new_state, ys
 
-    return jax.lax.scan(body, state, (batches, scales))
+    # full_unroll: no XLA while loop at all (see _run_steps)
+    return jax.lax.scan(body, state, (batches, scales), unroll=bool(full_unroll))
+
+
+def _run_steps(state, batches, scales, mixer, eval_batch, *, unroll: int, sync: bool, **static):
+    """Runs one chunk: one :func:`_run_chunk` scan (``unroll = 0``), or consecutive fully
+    unrolled scans of ``unroll`` steps (the last one shorter) with their outputs concatenated,
+    the same computation step for step (XLA may fuse an unrolled step differently from the
+    loop body: equal up to an occasional last-bit rounding difference).
+
+    XLA:CPU keeps the weight-gradient convolutions inside a ``while`` loop in a layout that
+    falls back to a slow kernel (~10× slower); unrolled, layout assignment gives them the fast
+    one (benchmarks/RESULTS.md §2, finding 4). ``sync`` blocks after each call (sharded runs:
+    repeated unblocked collective calls can dead-lock on forced CPU devices, DESIGN §5).
+
+    Returns:
+      ``(state after the chunk, outputs with leading axis [T_c])``.
+    """
+    total = jax.tree.leaves(batches)[0].shape[0]
+    if not unroll or unroll >= total:
+        return _run_chunk(state, batches, scales, mixer, eval_batch, full_unroll=bool(unroll),
+                          **static)
+    outs = []
+    for s in range(0, total, unroll):
+        part = jax.tree.map(lambda x, s=s: x[s : s + unroll], batches)
+        part_scales = None if scales is None else scales[s : s + unroll]
+        state, ys = _run_chunk(state, part, part_scales, mixer, eval_batch, full_unroll=True,
+                               **static)
+        if sync:
+            jax.block_until_ready(state)
+        outs.append(ys)
+    return state, _concat(outs)
+
+
+# Steps per fully unrolled scan that unroll=None picks for convolutional models on CPU: the
+# prototype (benchmarks/bench_simulate.proto_step(unroll=4)) ran the CNN 5–7× faster than one
+# scan; compile time grows with the number of unrolled steps.
+CONV_UNROLL = 4
+
+
+def _sub_jaxprs(eqn_params: dict) -> Iterator[Any]:
+    """The jaxprs among an equation's parameters (scan/while bodies, cond branches, pjit...)."""
+    for value in eqn_params.values():
+        for sub in value if isinstance(value, tuple | list) else (value,):
+            inner = getattr(sub, "jaxpr", sub)  # a ClosedJaxpr wraps a Jaxpr
+            if hasattr(inner, "eqns"):
+                yield inner
+
+
+def _has_primitive(jaxpr, name: str) -> bool:
+    """Whether ``jaxpr`` (a Jaxpr or ClosedJaxpr) or any sub-jaxpr uses primitive ``name``."""
+    jaxpr = getattr(jaxpr, "jaxpr", jaxpr)
+    return any(eqn.primitive.name == name
+               or any(_has_primitive(sub, name) for sub in _sub_jaxprs(eqn.params))
+               for eqn in jaxpr.eqns)
+
+
+def _auto_unroll(loss_fn: LossFn, params: PyTree, batches: PyTree, platform: str) -> int:
+    """``unroll=None``: :data:`CONV_UNROLL` on CPU when one node's loss has a convolution,
+    else 0 (one ordinary scan). Traced once per shapes (``make_jaxpr`` shares the trace of
+    ``_check_loss_output``)."""
+    if platform != "cpu":
+        return 0
+    one = jax.tree.map(lambda x: x[0], params)
+    batch = jax.tree.map(lambda x: x[0, 0], batches)
+    jaxpr = jax.make_jaxpr(loss_fn)(one, batch)
+    return CONV_UNROLL if _has_primitive(jaxpr, "conv_general_dilated") else 0
 
 
 # Nodes evaluated at once on an evaluation batch of M examples: max(1, EVAL_EXAMPLES // M),
@@ -505,6 +574,7 @@ def simulate(
     update_scale: jax.Array | np.ndarray | None = None,
     check_finite: bool = True,
     mesh: jax.sharding.Mesh | None = None,
+    unroll: int | None = None,
 ) -> Trajectory:
     """Simulates ATC decentralized learning for ``T`` steps.
 
@@ -538,6 +608,14 @@ def simulate(
         the device count) with the same results as one device. In a multi-process run every
         process makes the same call with the same host inputs. The trajectory's arrays stay
         sharded when the device count divides ``n``.
+      unroll: run each chunk as consecutive fully unrolled scans of this many steps (a
+        shorter last one compiles once more): the same computation as one scan, equal up to
+        an occasional last-bit rounding difference where XLA fuses an unrolled step
+        differently; 0 = one ordinary ``lax.scan`` per chunk. XLA:CPU runs convolution
+        gradients inside a scan's ``while`` loop ~10× slower; unrolled, the prototype ran the
+        CNN 5–7× faster (benchmarks/RESULTS.md §2). Compile time grows with ``unroll``.
+        Default ``None``: 4 on the CPU backend when ``loss_fn`` contains a convolution
+        (``conv_general_dilated``), else 0.
 
     Returns:
       A :class:`Trajectory`.
@@ -555,6 +633,9 @@ def simulate(
     if chunk_steps is not None and (isinstance(chunk_steps, bool)
                                     or not isinstance(chunk_steps, int) or chunk_steps < 1):
         raise ValueError(f"chunk_steps: must be a positive integer, got {chunk_steps!r}")
+    if unroll is not None and (isinstance(unroll, bool) or not isinstance(unroll, int | np.integer)
+                               or unroll < 0):
+        raise ValueError(f"unroll: must be None or a non-negative integer, got {unroll!r}")
     if eval_every and eval_batch is None:
         raise ValueError("eval_batch: required when eval_every > 0")
     if eval_every and eval_fn is None:
@@ -598,15 +679,20 @@ def simulate(
                 raise ValueError(f"update_scale: has {update_scale.shape[0]} steps but batches "
                                  f"run past step {update_scale.shape[0]}")
             kept_scales.append(scales)
+        if unroll is None:
+            platform = jax.default_backend() if mesh is None else mesh.devices.flat[0].platform
+            unroll = _auto_unroll(loss_fn, params, chunk, platform)
         if layout is not None:
             chunk = layout.place(chunk, axis=1)
             scales = None if scales is None else layout.place(scales, axis=1, fill=1)
-        state, ys = _run_chunk(
+        state, ys = _run_steps(
             state,
             chunk,
             scales,
             run_mixer,
             eval_batch,
+            unroll=int(unroll),
+            sync=layout is not None,
             loss_fn=loss_fn,
             optimizer=optimizer,
             record=record,
