@@ -79,6 +79,43 @@ def test_dice_e_sgd_equals_theorem1_walk_enumeration(kind, order, direct):
     np.testing.assert_allclose(got, expect, rtol=RTOL, atol=1e-14)
 
 
+@pytest.mark.parametrize("unrolled", [True, False])
+def test_source_chunks_give_the_same_cascades(unrolled, monkeypatch):
+    """batch_size: chunks unrolled in one program, or (past the limit) a lax.map loop."""
+    from dicejax.influence import cascade as cas_mod
+
+    calls = []
+    if not unrolled:
+        monkeypatch.setattr(cas_mod, "MAX_UNROLLED_CHUNKS", 1)
+        loop = jax.lax.map
+        monkeypatch.setattr(jax.lax, "map", lambda *a, **k: calls.append(1) or loop(*a, **k))
+    jax.clear_caches()  # the chunking is decided at trace time
+    loss, traj, probe, q = _run("time_varying", optax.adam(0.05), n=5, steps=6)
+    for order in (1, 2):
+        full = di.e_cascade(loss, traj, probe, step=1, hops=3, node_weights=q, order=order)
+        part = di.e_cascade(loss, traj, probe, step=1, hops=3, node_weights=q, order=order,
+                            batch_size=2)
+        np.testing.assert_allclose(part.matrix, full.matrix, rtol=1e-12, atol=1e-16)
+        np.testing.assert_allclose(part.total, full.total, rtol=1e-12, atol=1e-16)
+    gt = di.gt_cascade(loss, traj, probe, step=1, hops=3, node_weights=q)
+    gt2 = di.gt_cascade(loss, traj, probe, step=1, hops=3, node_weights=q, batch_size=4)
+    np.testing.assert_allclose(gt2.matrix, gt.matrix, rtol=1e-12, atol=1e-16)
+    assert bool(calls) == (not unrolled)
+
+
+def test_long_cascades_run_as_a_loop_with_the_same_values(monkeypatch):
+    """Past MAX_UNROLLED_HOPS the re-run is a lax.scan loop; the numbers do not change."""
+    from dicejax.influence import rollout as rollout_mod
+
+    loss, traj, probe, q = _run("directed", optax.sgd(0.3), n=4, steps=6)
+    unrolled = di.gt_cascade(loss, traj, probe, step=1, hops=4, node_weights=q)
+    monkeypatch.setattr(rollout_mod, "MAX_UNROLLED_HOPS", 1)
+    jax.clear_caches()
+    looped = di.gt_cascade(loss, traj, probe, step=1, hops=4, node_weights=q)
+    np.testing.assert_allclose(looped.matrix, unrolled.matrix, rtol=1e-12, atol=1e-16)
+    np.testing.assert_allclose(looped.direct, unrolled.direct, rtol=1e-12, atol=1e-16)
+
+
 @pytest.mark.parametrize("opt_name", ["adam", "momentum"])
 def test_e_cascade_matrix_equals_dense_jacobian_products(opt_name):
     opt = optax.adam(0.05) if opt_name == "adam" else optax.sgd(0.1, momentum=0.9)

@@ -77,11 +77,26 @@ def _float_dtype(traj: Trajectory):
     return leaves[0].dtype
 
 
+# ``batch_size`` splits the sources into at most this many chunks unrolled in one program;
+# more chunks run as a ``lax.map`` loop (bounded compile time)
+MAX_UNROLLED_CHUNKS = 32
+
+
 def _map(fn, xs, batch_size: int | None):
-    """``vmap`` (all at once) or ``lax.map`` in batches of ``batch_size`` (bounded memory)."""
-    if batch_size is None:
+    """``vmap`` of ``fn`` over ``xs``: all at once, or in chunks of ``batch_size``.
+
+    Chunks bound memory. Up to :data:`MAX_UNROLLED_CHUNKS` chunks are unrolled one after the
+    other in the program rather than looped with ``lax.map``: XLA:CPU runs convolutions
+    inside a while loop 4-6x slower than outside one (benchmarks/RESULTS.md §2, finding 4).
+    """
+    m = jax.tree.leaves(xs)[0].shape[0]
+    if batch_size is None or batch_size >= m:
         return jax.vmap(fn)(xs)
-    return jax.lax.map(fn, xs, batch_size=batch_size)
+    if -(-m // batch_size) > MAX_UNROLLED_CHUNKS:
+        return jax.lax.map(fn, xs, batch_size=batch_size)
+    parts = [jax.vmap(fn)(jax.tree.map(lambda x, s=s: x[s : s + batch_size], xs))
+             for s in range(0, m, batch_size)]
+    return jax.tree.map(lambda *p: jnp.concatenate(p), *parts)
 
 
 def _tree_dot(a: PyTree, b: PyTree, lead: int = 1) -> jax.Array:
@@ -152,6 +167,26 @@ def gt_cascade(
     )
 
 
+def _slope_and_curvature(loss_fn, params, tangent, probe, *, lead: int, sign: int) -> jax.Array:
+    """``g·u + sign · ½ uᵀHu`` of every stacked parameter set's probe loss along ``u``.
+
+    ``g`` and ``H`` are the probe-loss gradient and Hessian at ``params``; both terms are the
+    first and second derivatives of ``ε ↦ L(θ + εu)`` at 0 (a jvp of a jvp).
+
+    Args:
+      params, tangent: stacked pytrees with ``lead`` leading axes.
+
+    Returns:
+      ``[*lead]`` values.
+    """
+
+    def slope(p):
+        return jax.jvp(lambda a: node_losses(loss_fn, a, probe, lead=lead), (p,), (tangent,))[1]
+
+    d1, d2 = jax.jvp(slope, (params,), (tangent,))
+    return d1 + sign * 0.5 * d2
+
+
 @functools.partial(jax.jit, static_argnames=("loss_fn", "hops", "order", "direct", "batch_size"))
 def _e_cascade(loss_fn, traj, probe, t, q, *, hops, order, direct, batch_size):
     n = q.shape[0]
@@ -159,21 +194,21 @@ def _e_cascade(loss_fn, traj, probe, t, q, *, hops, order, direct, batch_size):
     ones, eye = jnp.ones((n,), dtype), jnp.eye(n, dtype=dtype)
     theta, half = _at(traj.params, t), _at(traj.half_params, t)
     v = jax.tree.map(jnp.subtract, half, theta)
-    probe_grad = jax.vmap(jax.vmap(jax.grad(lambda p: loss_fn(p, probe))))  # [r, n, ...]
     # one linearisation of the r-step re-run in the gates; its linear map is applied to the
     # n unit gates (vmap), giving every source's perturbation δ [r, n, ...]
     actual, lin = jax.linearize(lambda a: rollout(loss_fn, traj, t, hops, a), ones)
     if order == 1:
-        g = probe_grad(actual)  # the probe gradients once per (hop, node), not per source
+        # the probe gradients once per (hop, node) [r, n, ...], not per source
+        g = jax.vmap(jax.vmap(jax.grad(lambda p: loss_fn(p, probe))))(actual)
 
         def response_of(e):
             return _tree_dot(g, lin(e), lead=2)
     else:
-        g, hvp = jax.linearize(probe_grad, actual)  # H'δ as a linear map, shared by sources
-
+        # g·δ and δᵀH'δ as the first and second directional derivatives of every observer's
+        # probe loss along δ (forward over forward: no backward pass through the probe,
+        # ~8x cheaper than a Hessian-vector product for the CNN on CPU)
         def response_of(e):
-            delta = lin(e)
-            return _tree_dot(g, delta, lead=2) - 0.5 * _tree_dot(delta, hvp(delta), lead=2)
+            return _slope_and_curvature(loss_fn, actual, lin(e), probe, lead=2, sign=-1)
 
     response = _map(response_of, eye, batch_size)  # [j, r, k] = g_k · δ_k(j) (+ curvature)
     matrix = q[None, :, None] * jnp.transpose(response, (1, 2, 0))
@@ -181,12 +216,10 @@ def _e_cascade(loss_fn, traj, probe, t, q, *, hops, order, direct, batch_size):
     if direct == "exact":
         own = node_losses(loss_fn, half, probe) - node_losses(loss_fn, theta, probe)
     else:
-        grad0 = jax.vmap(jax.grad(lambda p: loss_fn(p, probe)))
         if order == 1:
-            own = _tree_dot(grad0(theta), v)
+            own = _tree_dot(jax.vmap(jax.grad(lambda p: loss_fn(p, probe)))(theta), v)
         else:
-            g0, hv = jax.jvp(grad0, (theta,), (v,))
-            own = _tree_dot(g0, v) + 0.5 * _tree_dot(v, hv)
+            own = _slope_and_curvature(loss_fn, theta, v, probe, lead=1, sign=1)
     return Cascade(q * own, matrix, shells(_matrices(traj, t, hops)))
 
 

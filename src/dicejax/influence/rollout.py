@@ -66,6 +66,10 @@ def batches_at(traj: Trajectory, t: int, hops: int) -> PyTree:
     return jax.tree.map(lambda x: jax.lax.dynamic_slice_in_dim(x, t, hops, 0), traj.batches)
 
 
+# cascades of at most this many later steps are unrolled (no XLA while loop)
+MAX_UNROLLED_HOPS = 8
+
+
 def rollout(loss_fn: LossFn, traj: Trajectory, t, hops: int, alpha: jax.Array) -> PyTree:
     """Re-runs ``hops`` steps from recorded step ``t`` with node gates ``alpha`` at step ``t``.
 
@@ -92,7 +96,10 @@ def rollout(loss_fn: LossFn, traj: Trajectory, t, hops: int, alpha: jax.Array) -
         return s, s.params
 
     rest = jax.tree.map(lambda x: x[1:], batches)
-    _, later = jax.lax.scan(body, state, (rest, t + 1 + jnp.arange(hops - 1)))
+    # fully unrolled for short cascades: XLA:CPU runs convolutions inside a while loop
+    # ~5x slower than outside one (benchmarks/RESULTS.md §2, finding 4)
+    _, later = jax.lax.scan(body, state, (rest, t + 1 + jnp.arange(hops - 1)),
+                            unroll=hops - 1 <= MAX_UNROLLED_HOPS)
     return jax.tree.map(lambda a, b: jnp.concatenate([a[None], b]), state.params, later)
 
 
