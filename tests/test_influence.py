@@ -103,6 +103,27 @@ def test_source_chunks_give_the_same_cascades(unrolled, monkeypatch):
     assert bool(calls) == (not unrolled)
 
 
+@pytest.mark.parametrize("dense_rerun", [True, False])
+def test_sparse_gossip_runs_give_the_same_influence(dense_rerun, monkeypatch):
+    """A run gossiped through the neighbour list scores like the dense run of the same W."""
+    from dicejax.influence import rollout as rollout_mod
+
+    if not dense_rerun:  # re-runs keep the run's own sparse kernel
+        monkeypatch.setattr(rollout_mod, "DENSE_RERUN_MAX_NODES", 0)
+        jax.clear_caches()
+    rng = np.random.default_rng(3)
+    loss, params, batches, probe = make_problem(n=5, steps=5, model="tanh", seed=1)
+    w = random_stochastic(5, rng, density=0.4)
+    runs = {m: dj.simulate(loss, params, batches, w, optimizer=optax.adam(0.05), mixing=m)
+            for m in ("dense", "sparse")}
+    assert runs["sparse"].mixer.method == "sparse"
+    assert (rollout_mod.rerun_mixer(runs["sparse"]).method == "dense") == dense_rerun
+    for fn in (di.dice_gt, di.dice_e):
+        got, expect = (np.asarray(fn(loss, runs[m], probe, step=1, hops=3))
+                       for m in ("sparse", "dense"))
+        np.testing.assert_allclose(got, expect, rtol=1e-9, atol=1e-15)
+
+
 def test_long_cascades_run_as_a_loop_with_the_same_values(monkeypatch):
     """Past MAX_UNROLLED_HOPS the re-run is a lax.scan loop; the numbers do not change."""
     from dicejax.influence import rollout as rollout_mod
