@@ -243,7 +243,8 @@ def e_cascade(
     Args:
       loss_fn, traj, probe, step, hops, node_weights, batch_size: as in :func:`gt_cascade`.
       order: 1 (the paper's estimator) or 2, which adds the probe-loss curvature terms
-        ``½ vᵀH'v`` to the direct term and ``−½ δᵀH'δ`` at each observer (one HVP each).
+        ``½ vᵀH'v`` to the direct term and ``−½ δᵀH'δ`` at each observer (each a jvp of a jvp
+        of the probe loss: forward mode, no HVP).
       direct: ``"taylor"`` (``g_j^t · v_j``, the paper's form) or ``"exact"``
         (``L(θ_j^{t+½}) − L(θ_j^t)``, two forward passes at the source).
 
