@@ -13,17 +13,13 @@ Methods (see ``benchmarks/torch_baselines.py``):
 
 * ``dicejax`` — :func:`dicejax.simulate` through its public API (``record=False``; argument
   checks and the finiteness check included), one ``lax.scan`` over the steps, gossip
-  ``mixing="auto"`` (dense below 64 nodes, neighbour-list gather from 64);
+  ``mixing="auto"`` (dense below 8 nodes or for dense graphs, fused neighbour-row gathers
+  otherwise), 4-step unrolled scans for the CNN (the CPU default for convolutions);
 * ``reference`` — the authors' style: per-node ``nn.Module`` + ``torch.optim.SGD``, Python
   loops over nodes for the local steps and over nodes × parameters × in-neighbours for gossip;
 * ``func`` — stacked ``torch.func`` (``functional_call`` + ``vmap(grad)``), eager, gossip as
   one flat-buffer contraction (dense or gather, the same kernel dicejax picks);
 * ``compiled`` — ``func``'s step under ``torch.compile`` (inductor), Python loop over steps;
-* ``proto`` — a PROTOTYPE of a faster ``simulate`` inner loop, not the library (see
-  :func:`proto_step`): gossip by fused per-leaf row gathers, the same per-step metrics
-  computed without XLA:CPU's slow column/boolean reductions, and (CNN) unrolled chunks of 4
-  steps instead of one ``while`` loop. Shows what the proposed ``src`` change would give.
-
 Reported per (model, n): median node-steps/s over interleaved repeats (each repeat runs every
 method once for ``T`` steps from the same state), ratios, achieved GFLOP/s (matmul/conv FLOPs
 of forward + weight gradients + input gradients except the first layer's, plus
@@ -44,7 +40,6 @@ Usage::
 from __future__ import annotations
 
 import argparse
-import functools
 import gc
 import statistics
 import sys
@@ -79,7 +74,6 @@ INPUT_SHAPE = (28, 28, 1)
 NUM_CLASSES = 10
 # node-steps per timed run (T = target / n, clamped to [min_steps, max_steps])
 TARGET_NODE_STEPS = {"mlp": 640, "cnn": 24}
-PROTO_UNROLL = 4  # steps per unrolled scan in the prototype, for convolutional models
 HEADLINE = {"model": "mlp", "n": 16}  # the issue's goals are stated for this case
 GOALS = {"vs_reference": 10.0, "vs_compiled": 1.5, "peak_fraction": 0.70}
 
@@ -111,7 +105,6 @@ class Case:
     device: str
     optimizer: optax.GradientTransformation  # one object: simulate is jitted on it (static)
     info: dict = field(default_factory=dict)
-    cache: dict = field(default_factory=dict)  # compiled prototypes, reused across repeats
 
 
 def make_model(name: str):
@@ -233,153 +226,9 @@ def func_method(compile: bool) -> Callable[[Case, int], Callable[[], Any]]:
     return make
 
 
-def consensus_by_matmul(params: PyTree) -> jax.Array:
-    """PROTOTYPE: :func:`dicejax.simulate.consensus_distance` without a column reduction.
-
-    Same value (mean over nodes of ``||θ_k − θ̄||²``); the node mean is a ``[n, n] × [n, P]``
-    product and the squared norms are row reductions. On XLA:CPU (jaxlib 0.10.2) the
-    library's ``jnp.mean(x, axis=0)`` over a ``[16, 100352]`` leaf takes ~26 ms, the product
-    ~0.6 ms (``benchmarks/profile_step.py`` measures both).
-    """
-    n = jax.tree.leaves(params)[0].shape[0]
-
-    def sq(x):
-        flat = x.reshape(n, -1)
-        avg = jnp.full((n, n), 1.0 / n, flat.dtype)
-        d = flat - jnp.matmul(avg, flat, precision=jax.lax.Precision.HIGHEST)
-        return jnp.sum(jnp.einsum("kp,kp->k", d, d, precision=jax.lax.Precision.HIGHEST))
-
-    return sum(sq(x) for x in jax.tree.leaves(params)) / n
-
-
-def finite_by_sum(tree: PyTree) -> jax.Array:
-    """PROTOTYPE: ``[n]`` per-node finiteness as :func:`dicejax.simulate._node_finite`, by a
-    float row sum of ``x · 0`` (NaN exactly where some entry is NaN or ±inf) instead of a
-    boolean ``all`` reduction, which XLA:CPU runs several times slower."""
-    n = jax.tree.leaves(tree)[0].shape[0]
-    flags = [jnp.isfinite(jnp.sum(x.reshape(n, -1) * jnp.zeros((), x.dtype), axis=1))
-             for x in jax.tree.leaves(tree) if jnp.issubdtype(x.dtype, jnp.inexact)]
-    return jnp.all(jnp.stack(flags), axis=0)
-
-
-def neighbour_lists(matrix: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Padded in-neighbour lists of ``W``: ``(indices [n, D], weights [n, D])``; padded slots
-    point at the node itself with weight 0."""
-    n = matrix.shape[0]
-    lists = [np.flatnonzero(matrix[k] > 0) for k in range(n)]
-    width = max(len(x) for x in lists)
-    idx = np.repeat(np.arange(n, dtype=np.int32)[:, None], width, axis=1)
-    wts = np.zeros((n, width), matrix.dtype)
-    for k, nb in enumerate(lists):
-        idx[k, : len(nb)] = nb
-        wts[k, : len(nb)] = matrix[k, nb]
-    return idx, wts
-
-
-def gather_gossip(indices: np.ndarray, weights: np.ndarray, tree: PyTree) -> PyTree:
-    """PROTOTYPE sparse gossip: ``Σ_d w[:, d] · x[idx[:, d]]`` per leaf, unrolled over ``d``.
-
-    Same result as :func:`dicejax.mixing.gossip_sparse` up to rounding, but XLA fuses the
-    ``D`` row gathers and the weighted sum into one loop per leaf: no ``[n, P]``
-    concatenation and split, no ``[n, D, P]`` gather buffer, no batched product.
-    """
-
-    def mix(x):
-        shape = (-1,) + (1,) * (x.ndim - 1)
-        out = None
-        for d in range(indices.shape[1]):
-            term = jnp.asarray(weights[:, d], x.dtype).reshape(shape) \
-                * jnp.take(x, jnp.asarray(indices[:, d]), axis=0)
-            out = term if out is None else out + term
-        return out
-
-    return jax.tree.map(mix, tree)
-
-
-def proto_step(loss_fn: Callable, optimizer: optax.GradientTransformation,
-               matrix: np.ndarray, unroll: int = 0) -> Callable:
-    """PROTOTYPE of a faster :func:`dicejax.simulate` inner loop (not the library's code).
-
-    Four changes against ``simulate``'s ``_run_chunk``, each measured alone by
-    ``benchmarks/profile_step.py``:
-
-    1. gossip by :func:`gather_gossip` (per leaf, fused row gathers over the in-neighbour
-       lists) for every graph size, instead of a dense product below 64 nodes and a
-       materialised ``[n, D, P]`` gather + batched product from 64;
-    2. the per-step consensus distance by :func:`consensus_by_matmul` (no column reduction);
-    3. the per-step finiteness flags by :func:`finite_by_sum` (no boolean reduction);
-    4. with ``unroll = k > 0``, the steps run as fully unrolled scans of ``k`` steps called
-       from a Python loop: inside an XLA:CPU ``while`` loop the convolutions of a weight
-       gradient keep a non-canonical layout and fall back to a slow kernel (measured ~10x
-       slower for the CNN); without a loop they get the fast one. Costs compile time ∝ k.
-
-    The local update is the library's (``value_and_grad`` + the optax update, ``vmap``-ed).
-    Same outputs as the library (final parameters, loss ``[T, n]``, consensus ``[T]``,
-    finiteness ``[T, n]``) up to float rounding.
-
-    Returns:
-      ``run(params, opt_state, batches [T, n, ...]) -> (params, opt_state, metrics)``.
-    """
-    indices, weights = neighbour_lists(np.asarray(matrix, np.float32))
-
-    def local(p, s, b):
-        loss, g = jax.value_and_grad(loss_fn)(p, b)
-        u, s = optimizer.update(g, s, p)
-        return optax.apply_updates(p, u), s, loss
-
-    def body(carry, batch):
-        p, s = carry
-        half, s, loss = jax.vmap(local)(p, s, batch)
-        new = gather_gossip(indices, weights, half)
-        ys = {"loss": loss, "consensus": consensus_by_matmul(new),
-              "finite": finite_by_sum(half)}
-        return (new, s), ys
-
-    @functools.partial(jax.jit, static_argnames="full")
-    def chunk(params, opt_state, batches, full=False):
-        (p, s), ys = jax.lax.scan(body, (params, opt_state), batches, unroll=bool(full))
-        return p, s, ys
-
-    def run(params, opt_state, batches):
-        total = jax.tree.leaves(batches)[0].shape[0]
-        if not unroll:
-            return chunk(params, opt_state, batches)
-        outs = []
-        for start in range(0, total, unroll):
-            part = jax.tree.map(lambda a, s=start: a[s : s + unroll], batches)
-            params, opt_state, ys = chunk(params, opt_state, part, full=True)
-            outs.append(ys)
-        ys = jax.tree.map(lambda *xs: jnp.concatenate(xs), *outs)
-        return params, opt_state, ys
-
-    return run
-
-
-def has_conv(params: PyTree) -> bool:
-    return any(k.startswith("Conv_") for k in params)
-
-
-def proto_method(case: Case, steps: int) -> Callable[[], Any]:
-    if "proto" not in case.cache:
-        unroll = PROTO_UNROLL if has_conv(case.params) else 0
-        case.cache["proto"] = proto_step(case.loss_fn, case.optimizer, case.matrix, unroll)
-    run_proto = case.cache["proto"]
-    batches = jax.tree.map(lambda a: a[:steps], case.batches)
-    opt_state = jax.vmap(case.optimizer.init)(case.params)
-
-    def run():  # the same host-side divergence check as simulate(check_finite=True)
-        p, _, ys = run_proto(case.params, opt_state, batches)
-        if not (bool(jnp.all(jnp.isfinite(ys["loss"]))) and bool(jnp.all(ys["finite"]))):
-            raise FloatingPointError("prototype diverged")
-        return jax.block_until_ready(p)
-
-    return run
-
-
 def all_methods() -> dict[str, Callable[[Case, int], Callable[[], Any]]]:
     return {"dicejax": dicejax_method, "reference": reference_method,
-            "func": func_method(False), "compiled": func_method(True),
-            "proto": proto_method}
+            "func": func_method(False), "compiled": func_method(True)}
 
 
 TORCH_METHODS = ("reference", "func", "compiled")
@@ -467,8 +316,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--cnn-max-nodes", type=int, default=16,
                    help="largest n for the cnn in the default sweep (default 16: dicejax's "
                         "CNN step is ~10x slower inside lax.scan on XLA:CPU, see RESULTS.md)")
-    p.add_argument("--methods", default="dicejax,proto,reference,func,compiled",
-                   help="comma-separated; proto is a prototype (see proto_step)")
+    p.add_argument("--methods", default="dicejax,reference,func,compiled",
+                   help="comma-separated")
     p.add_argument("--reference-max-nodes", type=int, default=256,
                    help="skip the reference-style loop above this n (default 256)")
     p.add_argument("--compiled-max-nodes", type=int, default=1 << 30,
@@ -577,13 +426,6 @@ def goals(result: dict) -> list[str]:
             ok = sp[key] >= GOALS[key]
             lines.append(f"  dicejax {sp[key]:.2f}{label} (goal >= {GOALS[key]}): "
                          f"{'met' if ok else 'MISSED'}")
-    ms = r["methods"]
-    if "proto" in ms:
-        rate = ms["proto"]["node_steps_per_s"]
-        vs = "".join(f", {rate / ms[k]['node_steps_per_s']:.2f}x {k}"
-                     for k in ("dicejax", "reference", "compiled") if k in ms)
-        lines.append(f"  prototype step (proto): {rate:.0f} node-steps/s{vs}, "
-                     f"{100 * ms['proto']['gflops'] / result['peak']['peak_gflops']:.0f}% of peak")
     frac = r["methods"]["dicejax"]["gflops"] / result["peak"]["peak_gflops"]
     frac_xla = r["methods"]["dicejax"]["gflops"] / result["peak"]["jax_gflops"]
     lines.append(f"  dicejax at {100 * frac:.0f}% of the measured matmul peak "

@@ -8,18 +8,13 @@ the same data, interleaved over repeats (median):
 * ``local``     — ``grads`` plus the SGD update ``θ − η g``;
 * ``gossip-dense`` / ``gossip-sparse`` — the mixing alone, dicejax's two kernels
   (:func:`dicejax.mixing.gossip_dense`, :func:`dicejax.mixing.gossip_sparse`);
-* ``gossip-gather`` / ``gossip-rolls`` — prototype kernels: ``D`` row gathers summed per
-  leaf (``bench_simulate.gather_gossip``; no ``[n, D, P]`` buffer), and
-  ``Σ_o w_o · roll(x, o)`` over the cyclic offsets of the graph;
+* ``gossip-rolls`` — a prototype kernel: ``Σ_o w_o · roll(x, o)`` over the cyclic offsets
+  of the graph;
 * ``consensus`` / ``finite check`` — the per-step metrics of :func:`dicejax.simulate`
   alone (each in a scan that also rescales ``θ`` by ``1 + 1e-7``, one elementwise pass, so
-  that XLA cannot hoist it), and the prototypes ``bench_simulate.consensus_by_matmul`` and
-  ``bench_simulate.finite_by_sum``;
+  that XLA cannot hoist it);
 * ``step``      — :func:`dicejax.simulate.step`, the library's full ATC step, in a scan
   without the per-step metrics (dense and sparse mixer);
-* ``simulate loop (prototype)`` — ``bench_simulate.proto_step``: the library's local update,
-  gossip by fused row gathers, and the per-step metrics computed the fast way (same
-  outputs);
 * ``simulate``  — :func:`dicejax.simulate` through the public API (checks included);
 * micro-benchmarks of the step's matrix products alone: the vmapped (batched) forward
   ``[n, B, D] × [n, D, H]`` and weight-gradient ``[n, D, B] × [n, B, H]`` products, the
@@ -63,12 +58,7 @@ from benchmarks import common
 from benchmarks.bench_simulate import (
     INPUT_SHAPE,
     NUM_CLASSES,
-    consensus_by_matmul,
-    finite_by_sum,
-    gather_gossip,
     make_model,
-    neighbour_lists,
-    proto_step,
 )
 from dicejax import mixing
 from dicejax.simulate import _node_finite, consensus_distance, init, step
@@ -172,8 +162,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         return jax.tree.map(lambda p, gg: p - 0.1 * gg, c, g)
 
     state0 = init(params, opt)
-    proto = proto_step(loss_fn, opt, np.asarray(topo.matrix))
-    lists = neighbour_lists(np.asarray(topo.matrix, np.float32))
     b0 = jax.tree.map(lambda a: a[0], batches)
 
     @jax.jit
@@ -189,18 +177,14 @@ def main(argv: Sequence[str] | None = None) -> int:
                     return mixing.gossip_dense(dense.matrices[0], c), None
                 if kind == "sparse":
                     return mixing.gossip_sparse(sparse.indices, sparse.weights[0], c), None
-                if kind == "rolls":
-                    return roll_gossip(np.asarray(topo.matrix), c), None
-                return gather_gossip(lists[0], lists[1], c), None
+                return roll_gossip(np.asarray(topo.matrix), c), None
             return jax.lax.scan(body, params, None, length=T)[0]
         return run
 
     run_grads, run_local = scan(body_grads), scan(body_local)
-    run_gossip = {k: gossip_scan(k) for k in ("dense", "sparse", "gather", "rolls")}
+    run_gossip = {k: gossip_scan(k) for k in ("dense", "sparse", "rolls")}
     run_consensus = metric_scan(consensus_distance)
-    run_consensus_mm = metric_scan(consensus_by_matmul)
     run_finite = metric_scan(_node_finite)
-    run_finite_sum = metric_scan(finite_by_sum)
 
     # matrix products of the first dense layer alone (MLP) for the micro-benchmarks
     micro = {}
@@ -236,26 +220,17 @@ def main(argv: Sequence[str] | None = None) -> int:
                           "flops": 2 * nnz * p_node,
                           "cost": _cost(lambda p: mixing.gossip_sparse(
                               sparse.indices, sparse.weights[0], p), params)},
-        "gossip-gather (prototype)": {
-            "fn": lambda: run_gossip["gather"](params), "flops": 2 * nnz * p_node,
-            "cost": _cost(lambda p: gather_gossip(lists[0], lists[1], p), params)},
         "gossip-rolls (prototype)": {
             "fn": lambda: run_gossip["rolls"](params), "flops": 2 * nnz * p_node,
             "cost": _cost(lambda p: roll_gossip(np.asarray(topo.matrix), p), params)},
         "consensus (library)": {"fn": lambda: run_consensus(params)},
-        "consensus (matmul, prototype)": {"fn": lambda: run_consensus_mm(params)},
         "finite check (library)": {"fn": lambda: run_finite(params)},
-        "finite check (row sum, prototype)": {"fn": lambda: run_finite_sum(params)},
         "step (dense)": {"fn": lambda: run_step(state0, batches, dense), "flops": flops_step,
                          "cost": _cost(lambda st, b: step(loss_fn, opt, dense, st, b)[0].params,
                                        state0, b0)},
         "step (sparse)": {"fn": lambda: run_step(state0, batches, sparse), "flops": flops_step,
                           "cost": _cost(lambda st, b: step(loss_fn, opt, sparse, st,
                                                            b)[0].params, state0, b0)},
-        "simulate loop (prototype)": {
-            "fn": lambda: proto(params, state0.opt_state, batches)[0], "flops": flops_step,
-            "cost": _cost(lambda p, s, b: proto(p, s, b)[0], params, state0.opt_state,
-                          jax.tree.map(lambda a: a[:1], batches))},
         "simulate": {"fn": lambda: dj.simulate(loss_fn, params, batches, topo, opt,
                                                record=False).final_params,
                      "flops": flops_step},
