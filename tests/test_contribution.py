@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import json
-from pathlib import Path
 
 import jax.numpy as jnp
 import numpy as np
@@ -19,9 +18,6 @@ from dicejax.apps import contribution as ct
 from dicejax.cli import _config, _run_args
 from dicejax.experiments.cascade import ranks, same_batch_at, spearman
 from dicejax.experiments.common import RunConfig
-
-MATRIX = Path(__file__).resolve().parents[2] / "shared" / "data" / "dice_designed16.csv"
-needs_matrix = pytest.mark.skipif(not MATRIX.is_file(), reason=f"{MATRIX} absent")
 
 # ---------------------------------------------------------------------------------------------
 # Pure pieces
@@ -142,14 +138,13 @@ def test_contribution_run_rejects_overlap():
         contribution_run(RunConfig(nodes=4, steps=2), [1], [1])
 
 
-@needs_matrix
 def test_cascade_command_shapes_and_spearman(tmp_path):
     from dicejax.commands import cascade
 
     out = tmp_path / "cascade"
     a = _parse(cascade, ["cascade", "--steps", "6", "--eval-every", "0", "--probe-size", "32",
                          "--test-size", "100", "--hops", "1", "--placements", "2",
-                         "--matrix", str(MATRIX), "--out", str(out)])
+                         "--out", str(out)])
     assert a.fn(a) == 0
     r = json.loads((out / "cascade.json").read_text())
     assert (out / "cascade.png").stat().st_size > 0
@@ -160,7 +155,7 @@ def test_cascade_command_shapes_and_spearman(tmp_path):
     assert np.asarray(r["e"]["matrix"]).shape == (m, h, n, n)
     assert np.asarray(r["magnitude_per_hop"]).shape == (h, n)
     w = np.asarray(r["out_weight"])
-    np.testing.assert_allclose(w, dj.topology.designed16(MATRIX).out_weight)
+    np.testing.assert_allclose(w, dj.topology.designed16().out_weight)
     mag = np.abs(np.asarray(r["gt"]["network"])[:, -1]).mean(axis=0)
     np.testing.assert_allclose(r["magnitude"], mag, rtol=1e-6)
     assert np.isclose(r["spearman"], stats.spearmanr(w, mag).statistic)
@@ -174,7 +169,5 @@ def test_cascade_command_shapes_and_spearman(tmp_path):
 def test_cascade_rejects_bad_placements():
     from dicejax.experiments.cascade import cascade_experiment
 
-    if not MATRIX.is_file():
-        pytest.skip(f"{MATRIX} absent")
     with pytest.raises(ValueError, match="placements"):
-        cascade_experiment(RunConfig(steps=4), str(MATRIX), hops=3, placements=2)
+        cascade_experiment(RunConfig(steps=4), hops=3, placements=2)

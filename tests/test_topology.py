@@ -233,34 +233,52 @@ def test_out_weight_density_and_degrees_directed():
     assert topo.name == "chain" and "chain" in repr(topo)
 
 
-@pytest.mark.skipif(not DESIGNED16_CSV.is_file(), reason="designed 16-node matrix not present")
-def test_designed16(monkeypatch):
-    topo = tp.designed16(DESIGNED16_CSV)
+def test_designed16_is_bundled(monkeypatch):
+    monkeypatch.delenv(tp.DESIGNED16_ENV, raising=False)
+    topo = tp.designed16()  # the packaged copy: no file outside the package needed
     assert topo.n == 16 and topo.name == "designed16"
+    assert not topo.is_time_varying
+    np.testing.assert_allclose(topo.matrix.sum(axis=1), 1.0, atol=1e-12)
     assert topo.out_weight[0] == pytest.approx(1.7)
     assert int(np.argmax(topo.out_weight)) == 0
-    assert not topo.is_doubly_stochastic
+    assert not topo.is_doubly_stochastic and not topo.is_symmetric
+    # a few entries of the paper's matrix (row k = what node k receives)
+    assert topo.matrix[0, 0] == 0.8 and topo.matrix[1, 0] == 0.3 and topo.matrix[12, 10] == 0.3
+    assert np.count_nonzero(topo.matrix) == 52
     # the paper's matrix is only weakly connected: nodes 2-5 receive from 0 and 14 but
     # send to nobody outside {2, 3, 4, 5}
     assert not topo.is_strongly_connected
     assert nx.is_weakly_connected(tp.to_networkx(topo))
-    monkeypatch.setenv(tp.DESIGNED16_ENV, str(DESIGNED16_CSV))
-    np.testing.assert_array_equal(tp.designed16().matrix, topo.matrix)
-    np.testing.assert_array_equal(
-        tp.by_name("designed16", 16, path=DESIGNED16_CSV).matrix, topo.matrix
-    )
+    np.testing.assert_array_equal(tp.by_name("designed16", 16).matrix, topo.matrix)
+
+
+@pytest.mark.skipif(not DESIGNED16_CSV.is_file(), reason="the steering copy is not beside the "
+                    "repository (users never have it); the bundled copy is tested above")
+def test_designed16_bundled_copy_equals_the_steering_file(monkeypatch):
+    monkeypatch.delenv(tp.DESIGNED16_ENV, raising=False)
+    np.testing.assert_array_equal(tp.designed16().matrix, tp.designed16(DESIGNED16_CSV).matrix)
+
+
+def test_designed16_path_and_environment_override(monkeypatch, tmp_path):
+    w = tp.designed16().matrix[::-1, ::-1].copy()  # still row-stochastic, 16 x 16
+    path = tmp_path / "other16.csv"
+    tp.save_csv(tp.from_matrix(w), path)
+    np.testing.assert_array_equal(tp.designed16(path).matrix, w)
+    np.testing.assert_array_equal(tp.by_name("designed16", 16, path=path).matrix, w)
+    monkeypatch.setenv(tp.DESIGNED16_ENV, str(path))
+    np.testing.assert_array_equal(tp.designed16().matrix, w)
 
 
 def test_designed16_errors(monkeypatch, tmp_path):
     monkeypatch.delenv(tp.DESIGNED16_ENV, raising=False)
-    with pytest.raises(ValueError, match=r"shared/data/dice_designed16\.csv"):
-        tp.designed16()
-    with pytest.raises(FileNotFoundError, match=r"shared/data/dice_designed16\.csv"):
+    with pytest.raises(FileNotFoundError, match="bundled copy"):
         tp.designed16(tmp_path / "missing.csv")
     small = tmp_path / "small.csv"
     tp.save_csv(tp.ring(4), small)
     with pytest.raises(ValueError, match="16 x 16"):
         tp.designed16(small)
+    with pytest.raises(ValueError, match="n must be 16"):
+        tp.by_name("designed16", 8)
 
 
 # ------------------------------------------------------------------------------------------

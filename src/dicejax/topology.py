@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import importlib.resources
 import inspect
 import math
 import os
@@ -57,9 +58,11 @@ __all__ = [
 ]
 
 DESIGNED16_ENV = "DICEJAX_DESIGNED16"
-"""Environment variable :func:`designed16` reads when no path is given."""
+"""Environment variable :func:`designed16` reads when no path is given (overrides the
+bundled copy)."""
 
-_DESIGNED16_HINT = "shared/data/dice_designed16.csv"
+DESIGNED16_FILE = "dice_designed16.csv"
+"""File name of the bundled matrix, in the package's ``resources`` folder."""
 _WEIGHT_SCHEMES = ("metropolis_hastings", "uniform")
 
 
@@ -775,29 +778,35 @@ def save_csv(topology: Topology, path: str | os.PathLike) -> None:
 def designed16(path: str | os.PathLike | None = None) -> Topology:
     """The DICE paper's designed 16-node mixing matrix (row-stochastic, not doubly stochastic).
 
-    No copy is bundled with the package: pass ``path``, or set the environment variable
-    ``DICEJAX_DESIGNED16``. In the project checkout the file is ``shared/data/dice_designed16.csv``.
+    The matrix ships with the package (``dicejax/resources/dice_designed16.csv``; its numbers
+    come from the DICE authors' MIT-licensed experiment code, see the README beside it).
     Node 0 is the dominant node (out-going weight 1.7).
 
+    Args:
+      path: read the matrix from this CSV file instead (or from ``$DICEJAX_DESIGNED16`` when
+        that is set); default: the bundled copy.
+
     Raises:
-      ValueError: if no path is given and the environment variable is unset, or the file
-        does not hold a valid 16 x 16 mixing matrix.
-      FileNotFoundError: if the file does not exist.
+      ValueError: if the file does not hold a valid 16 x 16 mixing matrix.
+      FileNotFoundError: if ``path`` does not exist.
     """
     if path is None:
-        path = os.environ.get(DESIGNED16_ENV)
-        if not path:
-            raise ValueError(
-                f"designed16: no path given and ${DESIGNED16_ENV} is not set; pass the path "
-                f"of the paper's matrix (usually {_DESIGNED16_HINT} in the project checkout)"
-            )
+        path = os.environ.get(DESIGNED16_ENV) or None
+    if path is None:
+        resource = importlib.resources.files("dicejax") / "resources" / DESIGNED16_FILE
+        with importlib.resources.as_file(resource) as bundled:
+            return _load_designed16(bundled, "designed16")
     path = _check_path(path, "designed16")
     if not path.is_file():
         raise FileNotFoundError(
-            f"designed16: no such file {str(path)!r} (the matrix usually lives at "
-            f"{_DESIGNED16_HINT} in the project checkout)"
+            f"designed16: no such file {str(path)!r}; call designed16() without a path for "
+            "the bundled copy of the paper's matrix"
         )
-    topology = load_csv(path, name="designed16")
+    return _load_designed16(path, "designed16")
+
+
+def _load_designed16(path: Path, name: str) -> Topology:
+    topology = load_csv(path, name=name)
     if topology.is_time_varying or topology.n != 16:
         raise ValueError(
             f"designed16: {str(path)!r} must hold a 16 x 16 matrix, got {topology.matrix.shape}"

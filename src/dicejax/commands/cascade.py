@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import argparse
-import os
 from collections.abc import Callable
 from pathlib import Path
 
@@ -21,9 +20,6 @@ from dicejax import topology as topo_lib
 from dicejax.commands import save_results
 from dicejax.experiments.common import RunConfig
 
-#: Where the designed matrix lives in the project checkout, relative to the repository root.
-DEFAULT_MATRIX = os.path.join("..", "shared", "data", "dice_designed16.csv")
-
 
 def register(subparsers, run_args: Callable[[argparse.ArgumentParser], None],
              make_config: Callable[[argparse.Namespace], RunConfig]) -> None:
@@ -31,8 +27,10 @@ def register(subparsers, run_args: Callable[[argparse.ArgumentParser], None],
     p = subparsers.add_parser(
         "cascade", help="Figure 1: the same batch at each node of the designed 16-node matrix")
     run_args(p)
-    p.add_argument("--matrix", default=os.environ.get(topo_lib.DESIGNED16_ENV, DEFAULT_MATRIX),
-                   help="path of dice_designed16.csv (replaces --topology and --nodes)")
+    p.add_argument("--matrix", default=None,
+                   help="CSV of a 16-node mixing matrix to use instead of the paper's designed "
+                        "one (default: the copy bundled with dicejax, or $DICEJAX_DESIGNED16); "
+                        "replaces --topology and --nodes")
     p.add_argument("--hops", type=int, default=3, help="cascade hops r")
     p.add_argument("--placements", type=int, default=8,
                    help="placement steps averaged (the last hops * placements steps)")

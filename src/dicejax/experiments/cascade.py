@@ -70,7 +70,7 @@ def _cascade_summary(cas: influence.Cascade) -> dict[str, Any]:
     }
 
 
-def cascade_experiment(config: RunConfig, matrix_path: str, hops: int = 3,
+def cascade_experiment(config: RunConfig, matrix_path: str | None = None, hops: int = 3,
                        placements: int = 8, dtype: Any = None) -> dict[str, Any]:
     """Figure 1: influence of one batch placed at each of the 16 nodes of the designed matrix.
 
@@ -83,7 +83,8 @@ def cascade_experiment(config: RunConfig, matrix_path: str, hops: int = 3,
       config: the run; ``topology`` and ``nodes`` are replaced by the designed matrix (16).
         ``steps`` is the whole training length ``T`` (the placements are its last
         ``r · placements`` steps).
-      matrix_path: path of ``dice_designed16.csv``.
+      matrix_path: a CSV of another 16-node matrix (default: the paper's designed matrix
+        bundled with dicejax, :func:`dicejax.topology.designed16`).
       hops: ``r``; cascades are scored at hops ``1..r``.
       placements: number of placement steps averaged.
       dtype: optional float dtype (``jnp.float64`` needs x64).
@@ -100,7 +101,7 @@ def cascade_experiment(config: RunConfig, matrix_path: str, hops: int = 3,
     """
     tic = time.perf_counter()
     topo = topo_lib.designed16(matrix_path)
-    config = dataclasses.replace(config, topology=str(matrix_path), nodes=topo.n)
+    config = dataclasses.replace(config, topology=str(matrix_path or "designed16"), nodes=topo.n)
     T = config.steps
     if not (isinstance(hops, int) and hops >= 1):
         raise ValueError(f"hops: must be a positive integer, got {hops!r}")
