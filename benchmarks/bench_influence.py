@@ -569,7 +569,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                    lambda s, dry=False, r=r: network_naive(prob, r, s, dry)),
             Method("dice_e_network", "dicejax", r,
                    lambda r=r: dice_e_network(prob.loss_fn, prob.traj, prob.probe, step=t,
-                                              horizon=r)),
+                                              hops=r)),
         ]
         if use_torch:
             candidates += [

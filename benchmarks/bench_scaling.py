@@ -208,7 +208,7 @@ def memory(args) -> list[dict]:
 def model_check(args) -> list[dict]:
     """The model's bytes for a whole 1-device run against XLA's buffer assignment of the
     compiled scan (arguments + outputs + temporaries − aliased), on this backend."""
-    from dicejax.simulate import _run_chunk, init  # the jitted scan simulate() calls
+    from dicejax.simulator import atc, run  # the jitted scan simulate() calls
 
     rows = []
     for name, n, steps, batch in (("mlp", 64, 20, 16), ("mlp", 64, 20, 128), ("cnn", 16, 10, 32)):
@@ -222,10 +222,9 @@ def model_check(args) -> list[dict]:
         z = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape[2:], x.dtype), batches)
         for opt_name, opt in (("sgd", optax.sgd(0.1)), ("adam", optax.adam(1e-3))):
             for record in (False, True):
-                stats = _run_chunk.lower(
-                    init(params, opt), batches, None, mixer, None, loss_fn=loss_fn,
-                    optimizer=opt, record=record, eval_fn=None, eval_every=0,
-                ).compile().memory_analysis()
+                sim = atc(loss_fn, opt, mixer)
+                stats = run.lower(sim, sim.init(params), batches, record=record
+                                  ).compile().memory_analysis()
                 xla = (stats.argument_size_in_bytes + stats.output_size_in_bytes
                        + stats.temp_size_in_bytes - stats.alias_size_in_bytes)
                 out = {}

@@ -13,7 +13,7 @@ the same data, interleaved over repeats (median):
 * ``consensus`` / ``finite check`` — the per-step metrics of :func:`dicejax.simulate`
   alone (each in a scan that also rescales ``θ`` by ``1 + 1e-7``, one elementwise pass, so
   that XLA cannot hoist it);
-* ``step``      — :func:`dicejax.simulate.step`, the library's full ATC step, in a scan
+* ``step``      — :meth:`dicejax.Simulator.step`, the library's full ATC step, in a scan
   without the per-step metrics (dense and sparse mixer);
 * ``simulate``  — :func:`dicejax.simulate` through the public API (checks included);
 * micro-benchmarks of the step's matrix products alone: the vmapped (batched) forward
@@ -61,7 +61,7 @@ from benchmarks.bench_simulate import (
     make_model,
 )
 from dicejax import mixing
-from dicejax.simulate import _node_finite, consensus_distance, init, step
+from dicejax.simulator import atc, consensus_distance, node_finite
 
 try:
     import torch
@@ -161,13 +161,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         g = grads_fn(c, b)
         return jax.tree.map(lambda p, gg: p - 0.1 * gg, c, g)
 
-    state0 = init(params, opt)
+    state0 = atc(loss_fn, opt, dense).init(params)
     b0 = jax.tree.map(lambda a: a[0], batches)
+
+    def step(mixer, state, batch):  # the library's ATC step without per-step metrics
+        return atc(loss_fn, opt, mixer, consensus=False).step(state, batch)[0]
 
     @jax.jit
     def run_step(state, batches, mixer):
-        return jax.lax.scan(lambda s, b: (step(loss_fn, opt, mixer, s, b)[0], None),
-                            state, batches)[0].params
+        return jax.lax.scan(lambda s, b: (step(mixer, s, b), None), state, batches)[0].params
 
     def gossip_scan(kind):
         @jax.jit
@@ -184,7 +186,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     run_grads, run_local = scan(body_grads), scan(body_local)
     run_gossip = {k: gossip_scan(k) for k in ("dense", "sparse", "rolls")}
     run_consensus = metric_scan(consensus_distance)
-    run_finite = metric_scan(_node_finite)
+    run_finite = metric_scan(node_finite)
 
     # matrix products of the first dense layer alone (MLP) for the micro-benchmarks
     micro = {}
@@ -226,11 +228,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         "consensus (library)": {"fn": lambda: run_consensus(params)},
         "finite check (library)": {"fn": lambda: run_finite(params)},
         "step (dense)": {"fn": lambda: run_step(state0, batches, dense), "flops": flops_step,
-                         "cost": _cost(lambda st, b: step(loss_fn, opt, dense, st, b)[0].params,
-                                       state0, b0)},
+                         "cost": _cost(lambda st, b: step(dense, st, b).params, state0, b0)},
         "step (sparse)": {"fn": lambda: run_step(state0, batches, sparse), "flops": flops_step,
-                          "cost": _cost(lambda st, b: step(loss_fn, opt, sparse, st,
-                                                           b)[0].params, state0, b0)},
+                          "cost": _cost(lambda st, b: step(sparse, st, b).params, state0, b0)},
         "simulate": {"fn": lambda: dj.simulate(loss_fn, params, batches, topo, opt,
                                                record=False).final_params,
                      "flops": flops_step},

@@ -104,10 +104,10 @@ def test_unweighted_proximal_equals_explicit_formula():
                                    rtol=1e-10, atol=1e-15)
         weighted = proximal(loss, traj, probe, step=t, node_weights=q)
         np.testing.assert_allclose(weighted, np.asarray(traj.matrix_at(t)) * got, rtol=1e-12)
-    window = proximal_steps(loss, traj, probe, 1, 4, node_weights=q, weighted=False)
+    window = proximal_steps(loss, traj, probe, node_weights=q, start=1, stop=4, weighted=False)
     np.testing.assert_allclose(window[1], proximal(loss, traj, probe, step=2, node_weights=q,
                                                    weighted=False), rtol=1e-12)
-    strided = proximal_steps(loss, traj, probe, 0, 4, node_weights=q, stride=3)
+    strided = proximal_steps(loss, traj, probe, node_weights=q, start=0, stop=4, stride=3)
     assert strided.shape == (2, 5, 5)
     np.testing.assert_allclose(strided[1], proximal(loss, traj, probe, step=3, node_weights=q),
                                rtol=1e-12)

@@ -69,7 +69,7 @@ def test_ledger_consistency_with_trajectory_attribution(rng):
     # network-level estimate at the whole-run horizon
     lg = di.ledger(loss, traj, probe, hops=1)
     np.testing.assert_allclose(attribution[T - 1], lg.network[T - 1], rtol=1e-8, atol=1e-12)
-    first = di.dice_e_network(loss, traj, probe, 0, horizon=T)
+    first = di.dice_e_network(loss, traj, probe, 0, hops=T)
     np.testing.assert_allclose(attribution[0], first, rtol=1e-8, atol=1e-12)
     np.testing.assert_allclose(led.reciprocity.proximal, lg.proximal)
     assert led.contribution[2] == 0.0 and led.shares[2] == 0.0

@@ -44,7 +44,7 @@ def test_dice_gt_equals_explicit_counterfactual_reruns(kind, opt_name, hops):
     expect, expect_net = ref.gt_brute(loss, traj, probe, t, hops, q)
     got = di.dice_gt(loss, traj, probe, step=t, hops=hops, node_weights=q)
     np.testing.assert_allclose(got, expect, rtol=RTOL, atol=1e-14)
-    net = di.dice_gt_network(loss, traj, probe, step=t, horizon=hops, node_weights=q)
+    net = di.dice_gt_network(loss, traj, probe, step=t, hops=hops, node_weights=q)
     np.testing.assert_allclose(net, expect_net, rtol=RTOL, atol=1e-14)
     # bounded-memory path gives the same numbers
     batched = di.dice_gt(loss, traj, probe, step=t, hops=hops, node_weights=q, batch_size=2)
@@ -59,7 +59,7 @@ def test_dice_gt_with_attackers_equals_explicit_reruns():
     np.testing.assert_allclose(di.dice_gt(loss, traj, probe, step=1, hops=2, node_weights=q),
                                expect, rtol=RTOL, atol=1e-14)
     np.testing.assert_allclose(
-        di.dice_gt_network(loss, traj, probe, step=1, horizon=2, node_weights=q), expect_net,
+        di.dice_gt_network(loss, traj, probe, step=1, hops=2, node_weights=q), expect_net,
         rtol=RTOL, atol=1e-14)
     assert abs(float(di.dice_gt(loss, traj, probe, step=1, hops=2)[1])) < 1e-15  # free-rider
 
@@ -106,10 +106,10 @@ def test_source_chunks_give_the_same_cascades(unrolled, monkeypatch):
 @pytest.mark.parametrize("dense_rerun", [True, False])
 def test_sparse_gossip_runs_give_the_same_influence(dense_rerun, monkeypatch):
     """A run gossiped through the neighbour list scores like the dense run of the same W."""
-    from dicejax.influence import rollout as rollout_mod
+    from dicejax.influence import rerun as rerun_mod
 
     if not dense_rerun:  # re-runs keep the run's own sparse kernel
-        monkeypatch.setattr(rollout_mod, "DENSE_RERUN_MAX_NODES", 0)
+        monkeypatch.setattr(rerun_mod, "DENSE_RERUN_MAX_NODES", 0)
         jax.clear_caches()
     rng = np.random.default_rng(3)
     loss, params, batches, probe = make_problem(n=5, steps=5, model="tanh", seed=1)
@@ -117,7 +117,7 @@ def test_sparse_gossip_runs_give_the_same_influence(dense_rerun, monkeypatch):
     runs = {m: dj.simulate(loss, params, batches, w, optimizer=optax.adam(0.05), mixing=m)
             for m in ("dense", "sparse")}
     assert runs["sparse"].mixer.method == "sparse"
-    assert (rollout_mod.rerun_mixer(runs["sparse"]).method == "dense") == dense_rerun
+    assert (rerun_mod.rerun_simulator(loss, runs["sparse"]).mixer.method == "dense") == dense_rerun
     for fn in (di.dice_gt, di.dice_e):
         got, expect = (np.asarray(fn(loss, runs[m], probe, step=1, hops=3))
                        for m in ("sparse", "dense"))
@@ -126,11 +126,11 @@ def test_sparse_gossip_runs_give_the_same_influence(dense_rerun, monkeypatch):
 
 def test_long_cascades_run_as_a_loop_with_the_same_values(monkeypatch):
     """Past MAX_UNROLLED_HOPS the re-run is a lax.scan loop; the numbers do not change."""
-    from dicejax.influence import rollout as rollout_mod
+    from dicejax.influence import rerun as rerun_mod
 
     loss, traj, probe, q = _run("directed", optax.sgd(0.3), n=4, steps=6)
     unrolled = di.gt_cascade(loss, traj, probe, step=1, hops=4, node_weights=q)
-    monkeypatch.setattr(rollout_mod, "MAX_UNROLLED_HOPS", 1)
+    monkeypatch.setattr(rerun_mod, "MAX_UNROLLED_HOPS", 1)
     jax.clear_caches()
     looped = di.gt_cascade(loss, traj, probe, step=1, hops=4, node_weights=q)
     np.testing.assert_allclose(looped.matrix, unrolled.matrix, rtol=1e-12, atol=1e-16)
@@ -147,7 +147,7 @@ def test_e_cascade_matrix_equals_dense_jacobian_products(opt_name):
     np.testing.assert_allclose(cas.matrix, expect, rtol=RTOL, atol=1e-14)
     # the adjoint (one reverse sweep) equals the forward cascade's network reading
     for h in (1, 2, 3):
-        adj = di.dice_e_network(loss, traj, probe, step=t, horizon=h, node_weights=q)
+        adj = di.dice_e_network(loss, traj, probe, step=t, hops=h, node_weights=q)
         np.testing.assert_allclose(adj, expect[h - 1].sum(axis=0), rtol=RTOL, atol=1e-14)
 
 
@@ -250,7 +250,8 @@ def test_influence_bad_inputs():
     )
     with pytest.raises(ValueError, match="record"):
         di.dice_gt(loss, lean, probe, step=0)
-    bad = traj.replace(params=jax.tree.map(lambda x: x.at[2].set(jnp.nan), traj.params))
+    bad = traj.replace(states=traj.states._replace(
+        params=jax.tree.map(lambda x: x.at[2].set(jnp.nan), traj.params)))
     with pytest.raises(ValueError, match="non-finite"):
         di.dice_e(loss, bad, probe, step=1, hops=1)
 

@@ -27,7 +27,7 @@ def test_trajectory_attribution_equals_adjoint_at_every_horizon(opt):
     A = di.trajectory_attribution(loss, traj, probe, node_weights=q)
     assert A.shape == (5, 4)
     for t in (0, 3):  # each horizon compiles once: two suffice to pin the indexing
-        expect = di.dice_e_network(loss, traj, probe, step=t, horizon=5 - t, node_weights=q)
+        expect = di.dice_e_network(loss, traj, probe, step=t, hops=5 - t, node_weights=q)
         np.testing.assert_allclose(A[t], expect, rtol=1e-9, atol=1e-15)
 
 
@@ -41,7 +41,7 @@ def test_trajectory_attribution_remat_changes_nothing():
 def test_trajectory_attribution_last_step_matches_ground_truth_for_small_lr():
     loss, traj, probe = _traj(optax.sgd(0.01))
     A = di.trajectory_attribution(loss, traj, probe)
-    gt = di.dice_gt_network(loss, traj, probe, step=4, horizon=1)
+    gt = di.dice_gt_network(loss, traj, probe, step=4, hops=1)
     np.testing.assert_allclose(A[4], gt, rtol=2e-2)
 
 
@@ -54,7 +54,7 @@ def test_ledger_equals_per_step_calls():
         np.testing.assert_allclose(led.scores[i], di.dice_e(loss, traj, probe, step=t, hops=2),
                                    rtol=1e-10, atol=1e-16)
         np.testing.assert_allclose(led.network[i],
-                                   di.dice_e_network(loss, traj, probe, step=t, horizon=2),
+                                   di.dice_e_network(loss, traj, probe, step=t, hops=2),
                                    rtol=1e-10, atol=1e-16)
         prox = prox + np.asarray(di.proximal(loss, traj, probe, step=t))
     np.testing.assert_allclose(led.proximal, prox, rtol=1e-10, atol=1e-16)
@@ -68,7 +68,7 @@ def test_per_sample_scores_sum_to_batch_score_and_match_walks(hops):
     lr = 0.3
     loss, traj, probe = _traj(optax.sgd(lr), steps=4)
     t = 1
-    scores = di.per_sample(loss, traj, probe, step=t, hops=hops)
+    scores = di.dice_e_per_sample(loss, traj, probe, step=t, hops=hops)
     n, B = scores.shape
     assert B == 3
     np.testing.assert_allclose(scores.sum(axis=1), di.dice_e(loss, traj, probe, step=t,
@@ -87,5 +87,5 @@ def test_per_sample_scores_sum_to_batch_score_and_match_walks(hops):
 
 def test_per_sample_runs_for_adam():
     loss, traj, probe = _traj(optax.adam(0.05), steps=4)
-    scores = di.per_sample(loss, traj, probe, step=0, hops=2)
+    scores = di.dice_e_per_sample(loss, traj, probe, step=0, hops=2)
     assert scores.shape == (4, 3) and np.all(np.isfinite(scores))

@@ -311,7 +311,7 @@ def test_evaluation_in_bounded_node_groups_equals_vmap(monkeypatch):
     full = dj.simulate(loss, params, batches, topo, eval_batch=probe, eval_every=2)
     import importlib
 
-    sim_module = importlib.import_module("dicejax.simulate")
+    sim_module = importlib.import_module("dicejax.simulator")
     monkeypatch.setattr(sim_module, "EVAL_EXAMPLES", 14)  # 7 probe examples: 2 nodes at a time
     jax.clear_caches()  # re-trace so the grouped path is the one compiled
     grouped = dj.simulate(loss, params, batches, topo, eval_batch=probe, eval_every=2)

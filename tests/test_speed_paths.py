@@ -113,9 +113,9 @@ def test_node_finite_flags_nan_and_inf_in_any_leaf(dtype, rng):
                          for x in jax.tree.leaves(tree) if x.dtype != jnp.int32)
                      for k in range(6)])
     np.testing.assert_array_equal(want, [True, False, True, False, True, False])
-    np.testing.assert_array_equal(jax.jit(sim._node_finite)(tree), want)
+    np.testing.assert_array_equal(jax.jit(sim.node_finite)(tree), want)
     clean = _tree(6, rng, dtype)
-    assert bool(jnp.all(sim._node_finite(clean)))
+    assert bool(jnp.all(sim.node_finite(clean)))
 
 
 # --------------------------------------------------------------------------------------------
@@ -138,7 +138,7 @@ def _gossip_sparse_old(indices, weights, tree):
         return jnp.einsum("kd,kdp->kp", weights.astype(buf.dtype), gathered,
                           precision=jax.lax.Precision.HIGHEST)
 
-    return mixing._flat_apply(mix, tree)
+    return mixing.flat_apply(mix, tree)
 
 
 def _lists(W):
@@ -349,23 +349,28 @@ def _conv_problem(n=3, steps=5, rng=None):
     return params, batches
 
 
+def _auto_unroll(loss_fn, params, batches, platform):
+    simulator = dj.atc(loss_fn, optax.sgd(0.1), np.eye(jax.tree.leaves(params)[0].shape[0]))
+    return sim.auto_unroll(simulator, simulator.init(params), batches, platform)
+
+
 def test_auto_unroll_finds_convolutions_in_sub_jaxprs():
     params, batches = _conv_problem()
     loss, mlp_params, mlp_batches, _ = make_problem(n=3, steps=2, model="tanh")
-    assert sim._auto_unroll(_conv_loss, params, batches, "cpu") == sim.CONV_UNROLL
-    assert sim._auto_unroll(_conv_loss, params, batches, "gpu") == 0
-    assert sim._auto_unroll(loss, mlp_params, mlp_batches, "cpu") == 0
+    assert _auto_unroll(_conv_loss, params, batches, "cpu") == sim.CONV_UNROLL
+    assert _auto_unroll(_conv_loss, params, batches, "gpu") == 0
+    assert _auto_unroll(loss, mlp_params, mlp_batches, "cpu") == 0
 
     def nested(p, b):  # the convolution inside a checkpoint, a cond and a scan
         def body(c, _):
             return c + jax.lax.cond(True, jax.checkpoint(_conv_loss), lambda p, b: 0.0, p, b), None
         return jax.lax.scan(body, 0.0, None, length=2)[0]
 
-    assert sim._auto_unroll(nested, params, batches, "cpu") == sim.CONV_UNROLL
+    assert _auto_unroll(nested, params, batches, "cpu") == sim.CONV_UNROLL
     m = dj.models.get_model("cnn", 10)
     cnn = dj.models.init_params(m, jax.random.PRNGKey(0), (28, 28, 1), num_nodes=2)
     z = {"x": jnp.zeros((1, 2, 2, 28, 28, 1), jnp.float32), "y": jnp.zeros((1, 2, 2), jnp.int32)}
-    assert sim._auto_unroll(dj.models.make_loss_fn(m), cnn, z, "cpu") == sim.CONV_UNROLL
+    assert _auto_unroll(dj.models.make_loss_fn(m), cnn, z, "cpu") == sim.CONV_UNROLL
 
 
 def test_conv_model_default_unroll_equals_one_scan():

@@ -146,7 +146,7 @@ def test_contributions_equal_trajectory_attribution():
     w = jnp.asarray(dj.topology.exponential(N).matrix)
     traj = dj.simulate(problem.loss_fn, problem.params, problem.batches, w)
     a = dj.influence.trajectory_attribution(problem.loss_fn, traj, problem.probe)
-    contrib, spread = jax.jit(lambda w: (to.contributions(w, problem),
+    contrib, spread = jax.jit(lambda w: (to.whole_run_influence(w, problem),
                                          to.contribution_spread(w, problem)))(w)
     c = np.asarray(a.sum(0))
     np.testing.assert_allclose(contrib, c, rtol=1e-10)
@@ -162,7 +162,7 @@ def test_remat_path_equals_plain_path_and_simulate(rng):
 
         def objective(x, p=problem):
             w = par.weights(x)
-            return to.probe_loss(w, p), to.rollout(w, p)
+            return to.probe_loss(w, p), to.run_with(w, p)
 
         out.append(jax.jit(jax.value_and_grad(objective, has_aux=True))(logits))
     (value, roll), grad = out[0]

@@ -171,7 +171,7 @@ def test_walk_enumeration_matches_dicejax(recorded):
 def test_network_walks_match_dicejax(recorded, horizon):
     cascade, rec = recorded
     got, _ = tb.dice_e_walks(rec, 1, horizon, network=True)
-    _close(got, cascade.network(horizon))
+    _close(got, cascade.network(hops=horizon))
 
 
 def test_shells_match_dicejax(rng):

@@ -1,9 +1,10 @@
 """Checkpoint and resume of long runs, bit-identical to an uninterrupted run.
 
-:func:`run_checkpointed` runs :func:`dicejax.simulate` chunk by chunk (``initial_state=``)
+:func:`run_checkpointed` runs what :func:`dicejax.simulate` runs (the same
+:class:`~dicejax.simulate.RunPlan`: one validation, then :func:`dicejax.run` chunk by chunk)
 and, every ``every_chunks`` chunks, commits to ``directory``:
 
-* the :class:`~dicejax.simulate.NodeState` after the chunk — parameters ``θ^t``, every
+* the :class:`~dicejax.simulator.NodeState` after the chunk — parameters ``θ^t``, every
   node's optimizer state, the global step ``t``. The step is also the *data position*: the
   batches are a deterministic function of ``(seed, step)`` (a :data:`BatchSource`, e.g.
   :func:`stream_source` over :mod:`dicejax.data`'s per-node streams), so nothing else is
@@ -12,7 +13,7 @@ and, every ``every_chunks`` chunks, commits to ``directory``:
   ``record=True``, the recorded trajectory ``θ``, ``θ^{½}``, optimizer states and batches.
 
 If the process dies, the same call (or :func:`resume`) continues from the newest complete
-checkpoint and returns a :class:`~dicejax.simulate.Trajectory` that is bit-identical to
+checkpoint and returns a :class:`~dicejax.trajectory.Trajectory` that is bit-identical to
 ``simulate`` over the whole run on the same machine and jax/jaxlib version (see
 ``docs/reliability.md``).
 
@@ -72,17 +73,11 @@ import orbax.checkpoint as ocp
 from dicejax import data as data_lib
 from dicejax import topology as topo_lib
 from dicejax.mixing import Method
-from dicejax.simulate import (
-    DEFAULT_OPTIMIZER,
-    LossFn,
-    NodeState,
-    PyTree,
-    Trajectory,
-    final_state,
-    init,
-    simulate,
-)
-from dicejax.simulate import _mixer_for as _simulate_mixer
+from dicejax.simulate import init, plan_run, raise_if_diverged
+from dicejax.simulator import DEFAULT_OPTIMIZER, LossFn, NodeState
+from dicejax.trajectory import Trajectory
+
+PyTree = Any
 
 __all__ = [
     "ArraySource",
@@ -161,8 +156,8 @@ class StreamSource(NamedTuple):
     stream: Any  # the validated stream description of dicejax.data
 
     def __call__(self, start: int, stop: int) -> dict[str, np.ndarray]:
-        idx = data_lib._stream_indices(self.stream, start, stop)
-        return data_lib._gather(self.x, self.y, idx)
+        idx = data_lib.stream_indices(self.stream, start, stop)
+        return data_lib.gather_batches(self.x, self.y, idx)
 
     def spec(self) -> dict:
         """JSON description (seed, sizes, SHA-256 of the data and parts) for ``run.json``."""
@@ -212,7 +207,7 @@ def stream_source(
       ValueError: for the arguments :func:`dicejax.data.node_batches` rejects.
     """
     x, y = np.asarray(x), np.asarray(y)
-    stream = data_lib._check_stream(x, y, parts, 1, batch_size, seed, resample, samples_per_node)
+    stream = data_lib.check_stream(x, y, parts, 1, batch_size, seed, resample, samples_per_node)
     return StreamSource(x, y, stream)
 
 
@@ -506,6 +501,16 @@ def _check_config(config: Any) -> Any:
         raise ValueError(f"config: must be JSON-serialisable, got {config!r:.80}: {err}") from err
 
 
+def _source_chunk(source: BatchSource, start: int, stop: int) -> PyTree:
+    """``source(start, stop)``, checked to have ``stop - start`` steps."""
+    chunk = source(start, stop)
+    lengths = {jnp.shape(x)[0] if jnp.ndim(x) else None for x in jax.tree.leaves(chunk)}
+    if lengths != {stop - start}:
+        raise ValueError(f"batches: source({start}, {stop}) returned leading axes "
+                         f"{sorted(map(str, lengths))}, expected {stop - start}")
+    return chunk
+
+
 def _positive(value: Any, name: str) -> int:
     if isinstance(value, bool) or not isinstance(value, int | np.integer) or value < 1:
         raise ValueError(f"{name}: must be a positive integer, got {value!r}")
@@ -682,11 +687,12 @@ def run_checkpointed(
     leaves = jax.tree.leaves(params)
     if not leaves or any(jnp.ndim(x) == 0 for x in leaves):
         raise ValueError("params: must be a pytree of arrays with a leading node axis n")
-    n = int(jnp.shape(leaves[0])[0])
-    mixer, _ = _simulate_mixer(topo, n, mixing)  # validates topo and the mixing method
     initial = _strong(init(params, optimizer))
-    sim = dict(record=record, eval_batch=eval_batch, eval_fn=eval_fn, eval_every=eval_every,
-               mixing=mixing, check_finite=check_finite)
+    # validates topo, the mixing method, the loss and the evaluation once, before any work
+    plan = plan_run(loss_fn, initial.params, _source_chunk(source, 0, min(chunk_steps, steps)),
+                    topo, optimizer,
+                    eval_batch=eval_batch, eval_fn=eval_fn, eval_every=eval_every,
+                    mixing=mixing, initial_state=initial)
 
     directory.mkdir(parents=True, exist_ok=True)
     _remove_temporaries(directory)
@@ -715,13 +721,13 @@ def run_checkpointed(
         chunks = 0
         while done < steps:
             stop = min(done + chunk_steps, steps)
-            chunk = source(done, stop)
-            lengths = {jnp.shape(x)[0] if jnp.ndim(x) else None for x in jax.tree.leaves(chunk)}
-            if lengths != {stop - done}:
-                raise ValueError(f"batches: source({done}, {stop}) returned leading axes "
-                                 f"{sorted(map(str, lengths))}, expected {stop - done}")
-            traj = simulate(loss_fn, None, chunk, topo, optimizer, initial_state=state, **sim)
-            state, done, chunks = final_state(traj), stop, chunks + 1
+            chunk = _source_chunk(source, done, stop)
+            start_state = state
+            state, ys = plan.step(state, chunk, None, record)
+            if check_finite:
+                raise_if_diverged(ys.loss, ys.finite, done)
+            traj = plan.trajectory(state, [ys], [chunk], [], record, initial=start_state)
+            state, done, chunks = traj.final_state, stop, chunks + 1
             pending.append(traj)
             if chunks % every_chunks == 0 or done == steps:
                 segment = _segment(pending, record)
@@ -737,10 +743,12 @@ def run_checkpointed(
             if callback is not None:
                 callback(state, done)
     fields = _join(segments, record)
-    recorded = {name: fields.get(name) for name in _RECORDED}
-    return Trajectory(final_params=state.params, final_opt_state=state.opt_state,
-                      metrics=fields["metrics"], mixer=mixer, update_scale=None, start_step=0,
-                      optimizer=optimizer, **recorded)
+    states = None
+    if record:
+        steps = jnp.arange(jax.tree.leaves(fields["params"])[0].shape[0], dtype=jnp.int32)
+        states = NodeState(fields["params"], fields["opt_states"], steps)
+    return Trajectory(plan.sim, state, fields["metrics"], states, fields.get("half_params"),
+                      batches=fields.get("batches"))
 
 
 def resume(

@@ -32,7 +32,10 @@ import numpy as np
 __all__ = [
     "FASHION_MNIST_DIR",
     "Dataset",
+    "Stream",
     "batch_chunks",
+    "check_stream",
+    "gather_batches",
     "load_cifar10",
     "load_dataset",
     "load_digits",
@@ -45,6 +48,7 @@ __all__ = [
     "partition_shards",
     "probe_set",
     "read_idx",
+    "stream_indices",
     "test_set",
     "write_idx",
 ]
@@ -703,8 +707,8 @@ def _block_rng(seed: int, stream: int, node: int, block: int) -> np.random.Gener
     return np.random.default_rng(np.random.SeedSequence(seed, spawn_key=(stream, node, block)))
 
 
-class _Stream(NamedTuple):
-    """Validated description of a per-node batch stream."""
+class Stream(NamedTuple):
+    """Validated description of a per-node batch stream (see :func:`check_stream`)."""
 
     parts: list[np.ndarray]  # n index arrays into the train set
     draws: list[int]  # samples per epoch per node
@@ -715,7 +719,7 @@ class _Stream(NamedTuple):
     resample: bool
 
 
-def _check_stream(
+def check_stream(
     x: np.ndarray,
     y: np.ndarray,
     parts: Sequence[np.ndarray],
@@ -724,7 +728,8 @@ def _check_stream(
     seed: int,
     resample: bool,
     samples_per_node: int | None,
-) -> _Stream:
+) -> Stream:
+    """Validates the arguments of :func:`node_batches`; returns the stream they describe."""
     if x.ndim < 1 or y.ndim != 1 or x.shape[0] != y.shape[0]:
         raise ValueError(
             f"x [N, ...] and y [N] must share their leading axis, got {x.shape} and {y.shape}"
@@ -763,10 +768,10 @@ def _check_stream(
                 raise ValueError(
                     f"parts[{k}] (node {k}) holds {d} samples, fewer than batch_size={batch_size}"
                 )
-    return _Stream(checked, draws, num_train, steps, batch_size, int(seed), bool(resample))
+    return Stream(checked, draws, num_train, steps, batch_size, int(seed), bool(resample))
 
 
-def _stream_indices(stream: _Stream, start: int, stop: int) -> np.ndarray:
+def stream_indices(stream: Stream, start: int, stop: int) -> np.ndarray:
     """Train-set indices of steps ``[start, stop)`` of the stream, ``[stop - start, n, B]``.
 
     Node k's stream is a sequence of epochs of ``draws`` samples (a permutation of its part,
@@ -798,7 +803,8 @@ def _stream_indices(stream: _Stream, start: int, stop: int) -> np.ndarray:
     return np.stack(per_node, axis=1)
 
 
-def _gather(x: np.ndarray, y: np.ndarray, idx: np.ndarray) -> dict[str, np.ndarray]:
+def gather_batches(x: np.ndarray, y: np.ndarray, idx: np.ndarray) -> dict[str, np.ndarray]:
+    """``{"x": x[idx] float32, "y": y[idx] int32}`` for train-set indices ``idx``."""
     return {
         "x": np.take(x, idx, axis=0).astype(np.float32, copy=False),
         "y": np.take(y, idx, axis=0).astype(np.int32, copy=False),
@@ -847,8 +853,8 @@ def node_batches(
             epoch.
     """
     x, y = np.asarray(x), np.asarray(y)
-    stream = _check_stream(x, y, parts, steps, batch_size, seed, resample, samples_per_node)
-    return _gather(x, y, _stream_indices(stream, 0, stream.steps))
+    stream = check_stream(x, y, parts, steps, batch_size, seed, resample, samples_per_node)
+    return gather_batches(x, y, stream_indices(stream, 0, stream.steps))
 
 
 def batch_chunks(
@@ -879,13 +885,13 @@ def batch_chunks(
         ``S = chunk_steps`` (last chunk: ``S <= chunk_steps``).
     """
     x, y = np.asarray(x), np.asarray(y)
-    stream = _check_stream(x, y, parts, steps, batch_size, seed, resample, samples_per_node)
+    stream = check_stream(x, y, parts, steps, batch_size, seed, resample, samples_per_node)
     chunk_steps = _check_positive_int(chunk_steps, "chunk_steps")
 
     def chunks() -> Iterator[dict[str, np.ndarray]]:
         for start in range(0, stream.steps, chunk_steps):
             stop = min(start + chunk_steps, stream.steps)
-            yield _gather(x, y, _stream_indices(stream, start, stop))
+            yield gather_batches(x, y, stream_indices(stream, start, stop))
 
     return chunks()
 

@@ -24,6 +24,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from dicejax import topology as topo_lib
+
 PyTree = Any
 Method = Literal["auto", "dense", "sparse"]
 
@@ -61,8 +63,12 @@ def choose_method(n: int, max_in_degree: int, method: Method = "auto") -> str:
     return "dense"
 
 
-def _flat_apply(fn, tree: PyTree) -> PyTree:
-    """Applies ``fn([n, P] buffer) -> [n, P]`` to all leaves, one buffer per dtype."""
+def flat_apply(fn, tree: PyTree) -> PyTree:
+    """Applies ``fn([n, P] buffer) -> [n, P]`` to all leaves, one buffer per dtype.
+
+    The leaves of one dtype are flattened to ``[n, P_leaf]`` and concatenated, so a
+    row-mixing ``fn`` (a matrix product, a sharded kernel) runs once per dtype.
+    """
     leaves, treedef = jax.tree.flatten(tree)
     if not leaves:
         return tree
@@ -96,7 +102,7 @@ def gossip_dense(matrix: jax.Array, tree: PyTree) -> PyTree:
     def mix(buf):
         return jnp.matmul(matrix.astype(buf.dtype), buf, precision=jax.lax.Precision.HIGHEST)
 
-    return _flat_apply(mix, tree)
+    return flat_apply(mix, tree)
 
 
 def gossip_sparse(indices: jax.Array, weights: jax.Array, tree: PyTree) -> PyTree:
@@ -124,23 +130,6 @@ def gossip_sparse(indices: jax.Array, weights: jax.Array, tree: PyTree) -> PyTre
         return out
 
     return jax.tree.map(mix, tree)
-
-
-def gossip(mixer: tuple[str, Any], tree: PyTree) -> PyTree:
-    """Applies a prepared mixer (see :func:`prepare`) to a stacked pytree.
-
-    Args:
-      mixer: ``("dense", W [n, n])`` or ``("sparse", (indices [n, D], weights [n, D]))``.
-      tree: pytree, every leaf ``[n, ...]``.
-
-    Returns:
-      The mixed pytree, same structure and shapes.
-    """
-    kind, data = mixer
-    if kind == "dense":
-        return gossip_dense(data, tree)
-    indices, weights = data
-    return gossip_sparse(indices, weights, tree)
 
 
 class Mixer(NamedTuple):
@@ -198,3 +187,44 @@ def make_mixer(matrices: jax.Array, indices: np.ndarray | None = None) -> Mixer:
     w = jnp.take_along_axis(matrices, jnp.broadcast_to(safe, matrices.shape[:1] + safe.shape), -1)
     w = jnp.where(mask, w, jnp.zeros((), w.dtype))
     return Mixer(matrices, jnp.asarray(idx, jnp.int32), w)
+
+
+def from_topology(topo: Any, method: Method = "auto", num_nodes: int | None = None) -> Mixer:
+    """The gossip operator of a topology or a mixing matrix.
+
+    Args:
+      topo: a :class:`~dicejax.topology.Topology` (static or periodic), an ``[n, n]`` matrix
+        (static) or ``[T, n, n]`` (one matrix per step; step ``t`` uses ``matrices[t % T]``).
+        Row ``k`` holds the weights node ``k`` receives. A traced array (gradients with
+        respect to ``W``) gets the dense kernel.
+      method: ``"auto"`` (sparse when :func:`choose_method` says so), ``"dense"`` or
+        ``"sparse"``.
+      num_nodes: the ``n`` the caller expects (checked; default: the matrix's).
+
+    Returns:
+      A :class:`Mixer`.
+
+    Raises:
+      ValueError: for a matrix that is not square, has negative entries or rows that do not
+        sum to 1, a node count other than ``num_nodes``, an unknown ``method``, or
+        ``"sparse"`` with a traced matrix.
+    """
+    choose_method(1, 1, method)  # validates the name
+    if not isinstance(topo, topo_lib.Topology):
+        topo_lib.validate_mixing(topo, name="topo")
+        if isinstance(topo, jax.core.Tracer):  # no concrete support to build lists from
+            if method == "sparse":
+                raise ValueError("mixing: 'sparse' needs a concrete matrix, got a traced array")
+            if num_nodes is not None and topo.shape[-1] != num_nodes:
+                raise ValueError(f"topo: matrix is for {topo.shape[-1]} nodes but params have "
+                                 f"n={num_nodes} nodes")
+            return make_mixer(topo[None] if topo.ndim == 2 else topo)
+        topo = topo_lib.Topology(np.asarray(topo))
+    if num_nodes is not None and topo.n != num_nodes:
+        raise ValueError(f"topo: matrix is for {topo.n} nodes but params have n={num_nodes} "
+                         "nodes")
+    matrices = jnp.asarray(topo.stacked())
+    indices = topo.neighbors.indices
+    if choose_method(topo.n, indices.shape[1], method) == "dense":
+        return make_mixer(matrices)
+    return make_mixer(matrices, indices)

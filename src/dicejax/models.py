@@ -27,7 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from dicejax.simulate import replicate
+from dicejax.simulator import replicate
 
 __all__ = [
     "CNN",
@@ -333,8 +333,10 @@ def init_params(
         num_nodes: ``None`` for a single parameter pytree; an integer ``n`` for stacked
             parameters with every leaf ``[n, ...]``.
         same_init: with ``num_nodes``: ``True`` replicates one initialisation to every node
-            (the DICE paper's setting); ``False`` initialises each node independently from
-            ``jax.random.split(key, n)`` (``jax.vmap`` of the initialiser).
+            (the nodes start in consensus); ``False`` initialises each node independently
+            from ``jax.random.split(key, n)`` (``jax.vmap`` of the initialiser) — what the
+            DICE authors' reference code does (every node's PyTorch module gets its own
+            default initialisation).
         dtype: optional floating dtype to cast the float leaves to, e.g. ``jnp.float64``
             (requires ``jax_enable_x64``).
 

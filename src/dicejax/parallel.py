@@ -45,11 +45,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from flax import struct
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from dicejax.mixing import Mixer, _flat_apply, choose_method
+from dicejax import pytrees
+from dicejax.mixing import Mixer, choose_method, flat_apply
+from dicejax.simulator import NodeState, StepOutput
 
 PyTree = Any
 AXIS = "nodes"
@@ -231,6 +232,30 @@ class NodeLayout:
             return _trim_tree(tree, self.num_nodes, axis)
         return _trim_jit(tree, self.num_nodes, axis)
 
+    def place_state(self, state: NodeState) -> NodeState:
+        """A :class:`~dicejax.simulator.NodeState` padded and sharded (``step``/``key``
+        replicated)."""
+        return NodeState(self.place(state.params), self.place(state.opt_state),
+                         self.replicate(state.step), self.place(state.model_state),
+                         None if state.key is None else self.replicate(state.key))
+
+    def trim_state(self, state: NodeState, axis: int = 0) -> NodeState:
+        """A padded :class:`~dicejax.simulator.NodeState` cut back to the real nodes (its
+        node axis is ``axis``: 0 for one state, 1 for states stacked over steps)."""
+        params, opt_state, model_state = self.trim(
+            (state.params, state.opt_state, state.model_state), axis=axis)
+        return state._replace(params=params, opt_state=opt_state, model_state=model_state)
+
+    def trim_outputs(self, outs: StepOutput) -> StepOutput:
+        """:func:`dicejax.run` outputs ``[T, n_pad, ...]`` cut back to the real nodes."""
+        if not self.padded:
+            return outs
+        per_node = outs._replace(consensus=None, state=None)
+        trimmed = self.trim(per_node, axis=1)
+        return trimmed._replace(
+            consensus=outs.consensus,
+            state=None if outs.state is None else self.trim_state(outs.state, axis=1))
+
 
 def _trim_tree(tree: PyTree, n: int, axis: int) -> PyTree:
     return jax.tree.map(lambda x: jax.lax.slice_in_dim(x, 0, n, axis=axis), tree)
@@ -379,7 +404,7 @@ def _gather_kernel(mesh, gather, weights, t, buf):
         buf, gather, weights, t)
 
 
-@struct.dataclass
+@pytrees.dataclass
 class ShardedMixer:
     """The gossip operator of a sharded run (a pytree that enters ``jit`` and ``scan``).
 
@@ -403,10 +428,10 @@ class ShardedMixer:
     gather: tuple
     weights: tuple
     send: tuple
-    method: str = struct.field(pytree_node=False)
-    mesh: Mesh = struct.field(pytree_node=False)
-    shifts: tuple = struct.field(pytree_node=False, default=())
-    period: int = struct.field(pytree_node=False, default=1)
+    method: str = pytrees.static_field()
+    mesh: Mesh = pytrees.static_field()
+    shifts: tuple = pytrees.static_field(default=())
+    period: int = pytrees.static_field(default=1)
 
     @property
     def rows_received(self) -> int | None:
@@ -432,7 +457,7 @@ class ShardedMixer:
     def apply(self, t, tree: PyTree) -> PyTree:
         """Gossip of the stacked, sharded pytree ``tree`` (leaves ``[n_pad, ...]``) at step
         ``t``."""
-        return _flat_apply(self._kernel(t), tree)
+        return flat_apply(self._kernel(t), tree)
 
 
 def _padded_sources(mixer: Mixer, layout: NodeLayout) -> tuple[np.ndarray, np.ndarray]:

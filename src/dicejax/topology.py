@@ -25,12 +25,14 @@ import random
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
-import networkx as nx
 import numpy as np
+
+if TYPE_CHECKING:
+    import networkx as nx
 
 __all__ = [
     "NeighborList",
@@ -488,6 +490,8 @@ def from_networkx(
       ValueError: for an empty graph, an unknown scheme or resulting weights that are not
         row-stochastic.
     """
+    import networkx as nx  # loaded on first use (import dicejax stays light)
+
     if not isinstance(graph, nx.Graph):
         raise ValueError(f"from_networkx: graph must be a networkx graph, got {type(graph)}")
     if graph.number_of_nodes() < 1:
@@ -522,6 +526,8 @@ def to_networkx(topology: Topology) -> nx.DiGraph:
             f"to_networkx: topology {topology.name!r} is time-varying (period "
             f"{topology.period}); convert one step instead, e.g. from_matrix(topology.at(t))"
         )
+    import networkx as nx  # loaded on first use (import dicejax stays light)
+
     graph = nx.DiGraph(name=topology.name)
     graph.add_nodes_from(range(topology.n))
     receivers, senders = np.nonzero(topology.matrix)
@@ -691,6 +697,8 @@ def random_regular(n: int, degree: int, seed: int = 0, max_tries: int = 1000) ->
         raise ValueError(
             f"random_regular: a {degree}-regular graph on {n} nodes is never connected"
         )
+    import networkx as nx  # loaded on first use (import dicejax stays light)
+
     rng = random.Random(seed)
     name = f"random_regular({n}, degree={degree}, seed={seed})"
     for _ in range(max_tries):

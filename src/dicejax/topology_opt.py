@@ -30,7 +30,7 @@ needed to *optimise* a graph on a fixed support:
 
 3. **Objectives**, each a pure function ``objective(W, problem) -> scalar`` to *minimise*,
    differentiable with respect to ``W`` through the whole ``lax.scan`` of the run (see
-   :func:`rollout`; the scan body is wrapped in ``jax.checkpoint`` when ``problem.remat``,
+   :func:`run_with`; the scan body is wrapped in ``jax.checkpoint`` when ``problem.remat``,
    so reverse mode stores one :class:`~dicejax.simulate.NodeState` per step, never the
    activations of the local updates):
 
@@ -46,6 +46,7 @@ needed to *optimise* a graph on a fixed support:
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Iterable
 from typing import Any, NamedTuple
 
@@ -53,19 +54,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from flax import struct
 
+from dicejax import pytrees
 from dicejax import topology as topo_lib
 from dicejax.mixing import Mixer, make_mixer
-from dicejax.simulate import (
-    DEFAULT_OPTIMIZER,
-    NodeState,
-    _check_batches,
-    _check_params,
-    consensus_distance,
-)
-from dicejax.simulate import init as init_nodes
-from dicejax.simulate import step as atc_step
+from dicejax.simulate import check_batches, check_params
+from dicejax.simulator import DEFAULT_OPTIMIZER, NodeState, atc, consensus_distance, run
 
 PyTree = Any
 Objective = Callable[[jax.Array, "Problem"], jax.Array]
@@ -90,6 +84,7 @@ __all__ = [
     "rollout",
     "row_entropy",
     "row_softmax",
+    "run_with",
     "sinkhorn",
     "sinkhorn_weights",
     "spectral_gap",
@@ -97,6 +92,7 @@ __all__ = [
     "support_of",
     "top_k_support",
     "topology_optimizer",
+    "whole_run_influence",
 ]
 
 _NEG = -1e9  # stands for log 0 on masked entries; exp(_NEG - anything finite) == 0 exactly
@@ -349,7 +345,7 @@ def effective_degree(matrix: jax.Array) -> jax.Array:
 # --------------------------------------------------------------------------------------------
 
 
-@struct.dataclass
+@pytrees.dataclass
 class Problem:
     """A fixed decentralized training run whose mixing matrix is the free variable.
 
@@ -368,18 +364,17 @@ class Problem:
     batches: PyTree
     probe: PyTree
     node_weights: jax.Array
-    loss_fn: Callable = struct.field(pytree_node=False)
-    optimizer: optax.GradientTransformation = struct.field(
-        pytree_node=False, default=DEFAULT_OPTIMIZER)
-    remat: bool = struct.field(pytree_node=False, default=True)
+    loss_fn: Callable = pytrees.static_field()
+    optimizer: optax.GradientTransformation = pytrees.static_field(default=DEFAULT_OPTIMIZER)
+    remat: bool = pytrees.static_field(default=True)
 
     @classmethod
     def create(cls, loss_fn: Callable, params: PyTree, batches: PyTree, probe: PyTree,
                optimizer: optax.GradientTransformation = DEFAULT_OPTIMIZER,
                node_weights: jax.Array | None = None, remat: bool = True) -> Problem:
         """Builds a problem after checking the leading axes (``q`` defaults to ``1/n``)."""
-        n = _check_params(params)
-        _check_batches(batches, n)
+        n = check_params(params)
+        check_batches(batches, n)
         dtype = jnp.result_type(*[x for x in jax.tree.leaves(params)])
         q = jnp.full((n,), 1.0 / n, dtype) if node_weights is None else jnp.asarray(node_weights)
         if q.shape != (n,):
@@ -396,10 +391,10 @@ class Problem:
 
 
 class Rollout(NamedTuple):
-    """What :func:`rollout` returns.
+    """What :func:`run_with` returns.
 
     Attributes:
-      state: the final :class:`~dicejax.simulate.NodeState` (``θ^T``).
+      state: the final :class:`~dicejax.simulator.NodeState` (``θ^T``).
       loss: ``[T, n]`` train loss before each step.
       consensus: ``[T]`` consensus distance after each gossip.
     """
@@ -418,33 +413,37 @@ def _mixer(matrix: jax.Array, problem: Problem) -> Mixer:
     return make_mixer(matrix[None] if matrix.ndim == 2 else matrix)
 
 
-def rollout(matrix: jax.Array, problem: Problem, scale: jax.Array | None = None) -> Rollout:
-    """The whole run as one ``lax.scan``, differentiable with respect to ``W`` (and ``scale``).
+def run_with(matrix: jax.Array, problem: Problem, scale: jax.Array | None = None) -> Rollout:
+    """The problem's run with mixing ``W``: differentiable with respect to ``W`` (and
+    ``scale``).
 
-    Same arithmetic as :func:`dicejax.simulate.simulate` (it calls
-    :func:`dicejax.simulate.step`); with ``problem.remat`` the scan body is rematerialised
-    in the backward pass, so reverse-mode memory is ``O(T · n · P)`` for the per-step states.
+    The same :func:`dicejax.run` (one ``lax.scan`` of ``Simulator.step``) that
+    :func:`dicejax.simulate` runs; with ``problem.remat`` the scan body is rematerialised in
+    the backward pass, so reverse-mode memory is ``O(T · n · P)`` for the per-step states.
 
     Args:
       matrix: ``W`` ``[n, n]`` (static) or ``[T, n, n]`` (per step), row-stochastic.
       problem: the run.
       scale: optional ``[n]`` gates on the local updates, the same at every step (see
-        :func:`dicejax.simulate.gate`; 1 is the actual run).
+        :func:`dicejax.simulator.gate`; 1 is the actual run).
 
     Returns:
       A :class:`Rollout`.
     """
-    mixer = _mixer(matrix, problem)
-    state0 = init_nodes(problem.params, problem.optimizer)
+    sim = atc(problem.loss_fn, problem.optimizer, _mixer(matrix, problem))
+    gates = None
+    if scale is not None:
+        gates = jnp.broadcast_to(scale, (problem.num_steps, problem.num_nodes))
+    state, outs = run(sim, sim.init(problem.params), problem.batches, gates,
+                      remat=problem.remat)
+    return Rollout(state, outs.loss, outs.consensus)
 
-    def body(state, batch):
-        new, _, loss = atc_step(problem.loss_fn, problem.optimizer, mixer, state, batch, scale)
-        return new, (loss, consensus_distance(new.params))
 
-    if problem.remat:
-        body = jax.checkpoint(body)
-    state, (loss, cons) = jax.lax.scan(body, state0, problem.batches)
-    return Rollout(state, loss, cons)
+def rollout(matrix: jax.Array, problem: Problem, scale: jax.Array | None = None) -> Rollout:
+    """Deprecated name of :func:`run_with`."""
+    warnings.warn("topology_opt.rollout is deprecated; use topology_opt.run_with",
+                  DeprecationWarning, stacklevel=2)
+    return run_with(matrix, problem, scale)
 
 
 def _probe_objective(problem: Problem, params: PyTree) -> jax.Array:
@@ -459,12 +458,12 @@ def _probe_objective(problem: Problem, params: PyTree) -> jax.Array:
 
 def probe_loss(matrix: jax.Array, problem: Problem) -> jax.Array:
     """Final weighted probe loss ``Σ_k q_k L(θ_k^T; z')``; scalar."""
-    return _probe_objective(problem, rollout(matrix, problem).state.params)
+    return _probe_objective(problem, run_with(matrix, problem).state.params)
 
 
 def consensus(matrix: jax.Array, problem: Problem) -> jax.Array:
     """Final consensus distance ``(1/n) Σ_k ||θ_k^T − θ̄^T||²`` (all leaves); scalar."""
-    return consensus_distance(rollout(matrix, problem).state.params)
+    return consensus_distance(run_with(matrix, problem).state.params)
 
 
 def stationary_distribution(matrix: jax.Array) -> jax.Array:
@@ -517,7 +516,7 @@ def mixing_rate(matrix: jax.Array, problem: Problem | None = None) -> jax.Array:
     return 1.0 - spectral_gap(matrix)
 
 
-def contributions(matrix: jax.Array, problem: Problem) -> jax.Array:
+def whole_run_influence(matrix: jax.Array, problem: Problem) -> jax.Array:
     """Each node's total first-order contribution to the final probe objective ``[n]``.
 
     ``c_j = d/dα_j Σ_k q_k L(θ_k^T(α); z')`` at ``α = 1``, where ``α_j`` gates node ``j``'s
@@ -529,15 +528,23 @@ def contributions(matrix: jax.Array, problem: Problem) -> jax.Array:
     dtype = problem.node_weights.dtype
 
     def final(alpha):
-        return _probe_objective(problem, rollout(matrix, problem, alpha).state.params)
+        return _probe_objective(problem, run_with(matrix, problem, alpha).state.params)
 
     return jax.grad(final)(jnp.ones((n,), dtype))
+
+
+def contributions(matrix: jax.Array, problem: Problem) -> jax.Array:
+    """Deprecated name of :func:`whole_run_influence`."""
+    warnings.warn("topology_opt.contributions is deprecated; use "
+                  "topology_opt.whole_run_influence", DeprecationWarning, stacklevel=2)
+    return whole_run_influence(matrix, problem)
 
 
 def contribution_spread(matrix: jax.Array, problem: Problem) -> jax.Array:
     """Influence-based fairness: spread of the nodes' contribution shares; scalar ``>= 0``.
 
-    With ``c`` from :func:`contributions` and shares ``s_j = c_j / Σ_i c_i``, returns
+    With ``c`` from :func:`whole_run_influence` and shares ``s_j = c_j / Σ_i c_i`` (the sign
+    cancels), returns
     ``n Σ_j (s_j − 1/n)²`` = ``Var(c) / mean(c)²`` (the squared coefficient of variation):
     0 when every node's data moves the final probe loss equally, large when a few nodes
     dominate (e.g. a node with a large out-going weight). Well defined when the total
@@ -545,7 +552,7 @@ def contribution_spread(matrix: jax.Array, problem: Problem) -> jax.Array:
     with respect to ``W`` is a second derivative through the run (reverse over reverse,
     both rematerialised).
     """
-    c = contributions(matrix, problem)
+    c = whole_run_influence(matrix, problem)
     n = c.shape[0]
     shares = c / jnp.sum(c)
     return n * jnp.sum((shares - 1.0 / n) ** 2)

@@ -22,8 +22,9 @@ The rule (:func:`update`): every ``period`` steps, node ``k``
    ``W[k, j] = 1 / (m_k + 1)`` with ``m_k = min(keep, #candidates of k)`` — the row stays
    stochastic and the graph's degree is bounded by ``keep``.
 
-:func:`rewire` runs training with this rule: ``simulate`` one period at a time from the last
-state, with the period's weights, recording the period to score it. It returns the exact
+:func:`rewire` runs training with this rule: :func:`dicejax.run` one period at a time from
+the last state, with the period's weights (one validation up front, one compiled step for
+every period), recording the period to score it. It returns the exact
 per-step weight schedule, so the same run can be replayed with
 ``simulate(..., schedule[:, ...])`` bit for bit.
 """
@@ -40,7 +41,9 @@ import optax
 
 from dicejax import topology as topo_lib
 from dicejax.influence.proximal import proximal_steps
-from dicejax.simulate import LossFn, NodeState, final_state, simulate
+from dicejax.mixing import make_mixer
+from dicejax.simulate import plan_run
+from dicejax.simulator import LossFn, NodeState
 
 PyTree = Any
 
@@ -254,17 +257,16 @@ def rewire(
     dtype = jnp.result_type(jax.tree.leaves(params)[0])
     state = init(topology, candidates, dtype)
     chooser = (lambda s, g, k: update(s, g, k, decay)) if chooser is None else chooser
-    node_state, schedule, losses = None, [], []
+    plan = plan_run(loss_fn, params, batches, state.matrix, optimizer, mixing="dense",
+                    update_scale=update_scale)
+    node_state, schedule, losses = plan.run_state, [], []
     for lo in range(0, T, int(period)):
         hi = min(lo + int(period), T)
-        window = slice(lo, hi)
-        traj = simulate(
-            loss_fn, params, jax.tree.map(lambda x, w=window: x[w], batches), state.matrix,
-            optimizer, record=score and hi < T, initial_state=node_state, mixing="dense",
-            update_scale=None if update_scale is None else update_scale[window])
+        plan.use_mixer(make_mixer(state.matrix[None]))
+        node_state, traj = plan.run_window(node_state, batches, lo, hi,
+                                           record=score and hi < T)
         schedule.append(jnp.broadcast_to(state.matrix, (hi - lo, *state.matrix.shape)))
         losses.append(traj.metrics["loss"])
-        node_state = final_state(traj)
         if hi < T:
             g = proximal_steps(loss_fn, traj, probe, node_weights=node_weights,
                                weighted=False, stride=stride) if score else None
@@ -272,7 +274,7 @@ def rewire(
             if callback is not None:
                 callback(hi, state)
         del traj
-    return RewireResult(node_state, jnp.concatenate(schedule), state,
+    return RewireResult(plan.host_state(node_state), jnp.concatenate(schedule), state,
                         jnp.concatenate(losses))
 
 

@@ -27,6 +27,7 @@ Everything here is a pure function of a recorded trajectory or of arrays.
 
 from __future__ import annotations
 
+import warnings
 from typing import Any, Literal, NamedTuple
 
 import jax
@@ -34,7 +35,8 @@ import jax.numpy as jnp
 
 from dicejax.influence import ledger as ledger_fn
 from dicejax.influence import neighbourhood_factor, trajectory_attribution
-from dicejax.simulate import LossFn, Trajectory
+from dicejax.simulator import LossFn
+from dicejax.trajectory import Trajectory
 
 PyTree = Any
 ShareMode = Literal["signed", "clipped"]
@@ -100,8 +102,10 @@ def shares(contribution: jax.Array, mode: ShareMode = "signed") -> jax.Array:
     return jnp.where(den > 0, num / jnp.where(den > 0, den, 1), jnp.zeros_like(c))
 
 
-def reciprocity(prox: jax.Array) -> Reciprocity:
-    """Summarises an accumulated proximal-influence matrix ``[n, n]`` per node."""
+def reciprocity_summary(prox: jax.Array) -> Reciprocity:
+    """Summarises an accumulated proximal-influence matrix ``[n, n]`` per node (given,
+    received, neighbourhood factor); see :func:`dicejax.influence.reciprocity` for the
+    pairwise ratio of Definition 5."""
     prox = jnp.asarray(prox)
     if prox.ndim != 2 or prox.shape[0] != prox.shape[1]:
         raise ValueError(f"prox: must be a square [n, n] matrix, got shape {prox.shape}")
@@ -126,7 +130,7 @@ def from_attribution(attribution: jax.Array, prox: jax.Array | None = None) -> C
     influence = jnp.sum(a, axis=0)
     c = jnp.where(influence == 0, jnp.zeros_like(influence), -influence)  # no "−0" shares
     return Contribution(a, influence, c, shares(c, "signed"), shares(c, "clipped"),
-                        None if prox is None else reciprocity(prox))
+                        None if prox is None else reciprocity_summary(prox))
 
 
 def contributions(loss_fn: LossFn, traj: Trajectory, probe: PyTree,
@@ -157,11 +161,20 @@ def contributions(loss_fn: LossFn, traj: Trajectory, probe: PyTree,
     return from_attribution(attribution, prox)
 
 
+def reciprocity(prox: jax.Array) -> Reciprocity:
+    """Deprecated name of :func:`reciprocity_summary` (``dicejax.influence.reciprocity`` is
+    the pairwise ratio)."""
+    warnings.warn("apps.contribution.reciprocity is deprecated; use reciprocity_summary",
+                  DeprecationWarning, stacklevel=2)
+    return reciprocity_summary(prox)
+
+
 __all__ = [
     "Contribution",
     "Reciprocity",
     "contributions",
     "from_attribution",
     "reciprocity",
+    "reciprocity_summary",
     "shares",
 ]

@@ -36,7 +36,7 @@ from dicejax.experiments.common import (
     pick_attackers,
     summarize,
 )
-from dicejax.simulate import final_state, simulate
+from dicejax.simulate import plan_run
 
 DATA_ATTACKS = ("label_permutation", "label_flip", "gaussian_noise")
 UPDATE_ATTACKS = ("sign_flip", "free_rider")
@@ -188,24 +188,21 @@ def _one_seed(config: RunConfig, attack: str, corruption: attacks.Corruption,
     chosen = pick_attackers(attackers, n, config.seed)
     batches, scale = apply_attack(setup, attack, corruption, chosen, config.seed)
 
-    def run(lo, hi, state, record):
-        return simulate(setup.loss_fn, setup.params, jax.tree.map(lambda x: x[lo:hi], batches),
-                        setup.topology, setup.optimizer, record=record, initial_state=state,
-                        update_scale=None if scale is None else scale[lo:hi])
-
-    warm = T - window
-    state = final_state(run(0, warm, None, False)) if warm else None
+    plan = plan_run(setup.loss_fn, setup.params, batches, setup.topology, setup.optimizer,
+                    update_scale=scale)
+    warm, state = T - window, plan.run_state
+    if warm:
+        state, _ = plan.run_window(state, batches, 0, warm)
     total, support = None, None
     for lo in range(warm, T, chunk_steps):
         hi = min(lo + chunk_steps, T)
-        traj = run(lo, hi, state, True)
+        state, traj = plan.run_window(state, batches, lo, hi, record=True)
         prox = anomaly.proximal_steps(setup.loss_fn, traj, setup.probe)
-        mats = traj.matrices(traj.start_step, traj.start_step + traj.num_steps)
+        mats = traj.matrices()
         part = anomaly.accumulate(prox, mats, normalize)
         edges = anomaly.in_edges(mats)
         total = part if total is None else total + part
         support = edges if support is None else support | edges
-        state = final_state(traj)
         del traj, prox
     det = anomaly.detect(total, support, threshold, min_scale)
     metrics = anomaly.evaluate(det, chosen)

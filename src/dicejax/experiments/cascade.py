@@ -27,7 +27,7 @@ import numpy as np
 from dicejax import influence
 from dicejax import topology as topo_lib
 from dicejax.experiments.common import RunConfig, build
-from dicejax.simulate import evaluate_nodes, final_state, simulate
+from dicejax.simulate import evaluate_nodes, plan_run
 
 
 def ranks(x: np.ndarray) -> np.ndarray:
@@ -115,12 +115,11 @@ def cascade_experiment(config: RunConfig, matrix_path: str | None = None, hops: 
     for s in local:
         batches = same_batch_at(batches, start + s)
 
-    def run(lo, hi, state, record):
-        return simulate(setup.loss_fn, setup.params, jax.tree.map(lambda x: x[lo:hi], batches),
-                        topo, setup.optimizer, record=record, initial_state=state)
-
-    state = final_state(run(0, start, None, False)) if start else None
-    traj = run(start, T, state, True)
+    plan = plan_run(setup.loss_fn, setup.params, batches, topo, setup.optimizer)
+    state = plan.run_state
+    if start:
+        state, _ = plan.run_window(state, batches, 0, start)
+    _, traj = plan.run_window(state, batches, start, T, record=True)
     gts, ests = [], []
     for s in local:
         gts.append(_cascade_summary(influence.gt_cascade(setup.loss_fn, traj, setup.probe, s,
@@ -138,7 +137,7 @@ def cascade_experiment(config: RunConfig, matrix_path: str | None = None, hops: 
     direct = np.abs(gt["direct"])[:, None, :]  # [m, 1, n]
     ratio = np.abs(gt["network"]) / np.where(direct > 0, direct, np.nan)
     amplification = np.nanmedian(ratio, axis=0)  # [r, n]
-    acc = evaluate_nodes(setup.eval_fn, final_state(traj).params, setup.test)
+    acc = evaluate_nodes(setup.eval_fn, traj.final_params, setup.test)
     return {
         "config": dataclasses.asdict(config),
         "hops": hops,

@@ -46,7 +46,8 @@ class RunConfig:
       samples_per_node: local data set size (default: train size // n; the paper uses 512).
       alpha: Dirichlet concentration for ``partition="dirichlet"``.
       seed: seeds data order, partition and initialisation.
-      same_init: every node starts from the same initial parameters.
+      same_init: every node starts from the same initial parameters (``False``: each node
+        is initialised independently, as in the DICE authors' reference code).
       eval_every: evaluate on the test split every this many steps (0 = only at the end).
       test_size: number of test examples used for evaluation (0 = all).
       probe_size: size of the fixed probe batch ``z'`` (from the test split).

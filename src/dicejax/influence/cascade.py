@@ -19,13 +19,26 @@ reductions of that one object. Cost for all ``n`` sources and ``r`` hops:
 from __future__ import annotations
 
 import functools
+import warnings
 from typing import Any, Literal, NamedTuple
 
 import jax
 import jax.numpy as jnp
 
-from dicejax.influence.rollout import check_query, node_losses, rollout, shells
-from dicejax.simulate import LossFn, Trajectory
+from dicejax.influence.rerun import (
+    check_query,
+    float_dtype,
+    probe_grads,
+    probe_losses,
+    probe_vars,
+    rerun,
+    rerun_simulator,
+    shells,
+    tree_at,
+    tree_dot,
+)
+from dicejax.simulator import LossFn
+from dicejax.trajectory import Trajectory
 
 PyTree = Any
 
@@ -59,22 +72,28 @@ class Cascade(NamedTuple):
         """``[n]``: the r-hop DICE score of every source (direct term + every shell)."""
         return self.direct + jnp.sum(self.per_hop, axis=0)
 
-    def network(self, horizon: int | None = None) -> jax.Array:
-        """``[n]``: ``Σ_k matrix[h-1, k, j]``, the effect on all nodes at step ``t+h``."""
-        h = self.hops if horizon is None else horizon
+    def network(self, hops: int | None = None, *, horizon: int | None = None) -> jax.Array:
+        """``[n]``: ``Σ_k matrix[h-1, k, j]``, the effect on all nodes at step ``t+h``.
+
+        Args:
+          hops: ``h`` in ``[1, r]`` (default ``r``); ``horizon=`` is its deprecated name.
+        """
+        hops = _renamed_horizon(hops, horizon, None)
+        h = self.hops if hops is None else hops
         if not 1 <= h <= self.hops:
-            raise ValueError(f"horizon: must be in [1, {self.hops}], got {h}")
+            raise ValueError(f"hops: must be in [1, {self.hops}], got {h}")
         return jnp.sum(self.matrix[h - 1], axis=0)
 
 
-def _matrices(traj: Trajectory, t, hops: int) -> jax.Array:
-    idx = (traj.start_step + t + jnp.arange(hops)) % traj.mixer.period
-    return traj.mixer.matrices[idx]
-
-
-def _float_dtype(traj: Trajectory):
-    leaves = [x for x in jax.tree.leaves(traj.params) if jnp.issubdtype(x.dtype, jnp.inexact)]
-    return leaves[0].dtype
+def _renamed_horizon(hops, horizon, default):
+    """``horizon=`` is the deprecated name of ``hops=`` (one name for the idea)."""
+    if horizon is None:
+        return default if hops is None else hops
+    warnings.warn("horizon= is deprecated; use hops= (the same number of later steps)",
+                  DeprecationWarning, stacklevel=3)
+    if hops is not None and hops != horizon:
+        raise ValueError(f"hops and horizon: give one of them, got {hops} and {horizon}")
+    return horizon
 
 
 # ``batch_size`` splits the sources into at most this many chunks unrolled in one program;
@@ -82,7 +101,7 @@ def _float_dtype(traj: Trajectory):
 MAX_UNROLLED_CHUNKS = 32
 
 
-def _map(fn, xs, batch_size: int | None):
+def map_sources(fn, xs, batch_size: int | None):
     """``vmap`` of ``fn`` over ``xs``: all at once, or in chunks of ``batch_size``.
 
     Chunks bound memory. Up to :data:`MAX_UNROLLED_CHUNKS` chunks are unrolled one after the
@@ -99,33 +118,30 @@ def _map(fn, xs, batch_size: int | None):
     return jax.tree.map(lambda *p: jnp.concatenate(p), *parts)
 
 
-def _tree_dot(a: PyTree, b: PyTree, lead: int = 1) -> jax.Array:
-    """Per-node inner products of two stacked pytrees with ``lead`` leading axes."""
-
-    def dot(x, y):
-        return jnp.sum((x * y).reshape((*x.shape[:lead], -1)), axis=-1)
-
-    return sum(jax.tree.leaves(jax.tree.map(dot, a, b)))
-
-
-def _at(tree: PyTree, t) -> PyTree:
-    return jax.tree.map(lambda x: x[t], tree)
+def half_vars(traj: Trajectory, t) -> tuple[PyTree, PyTree]:
+    """``(θ^{t+½}, s^{t+½})``: the probe variables right after the local updates of step
+    ``t`` (before gossip)."""
+    ms = None if traj.half_model_states is None else tree_at(traj.half_model_states, t)
+    return tree_at(traj.half_params, t), ms
 
 
 @functools.partial(jax.jit, static_argnames=("loss_fn", "hops", "batch_size"))
-def _gt_cascade(loss_fn, traj, probe, t, q, *, hops, batch_size):
+def compute_gt_cascade(loss_fn, traj, probe, t, q, *, hops, batch_size):
+    """The unvalidated core of :func:`gt_cascade` (``t`` may be traced)."""
     n = q.shape[0]
-    dtype = _float_dtype(traj)
+    dtype = float_dtype(traj)
+    sim = rerun_simulator(loss_fn, traj)
     alphas = jnp.concatenate([jnp.ones((1, n), dtype), 1 - jnp.eye(n, dtype=dtype)])
 
     def losses(alpha):  # [r, n]
-        return node_losses(loss_fn, rollout(loss_fn, traj, t, hops, alpha), probe, lead=2)
+        return probe_losses(sim, probe_vars(rerun(loss_fn, traj, t, hops, alpha)), probe, lead=2)
 
-    L = _map(losses, alphas, batch_size)  # [n+1 (actual, then source j), r, k]
+    L = map_sources(losses, alphas, batch_size)  # [n+1 (actual, then source j), r, k]
     diff = jnp.transpose(L[0][None] - L[1:], (1, 2, 0))  # [r, k, j]
-    before = node_losses(loss_fn, _at(traj.params, t), probe)
-    after = node_losses(loss_fn, _at(traj.half_params, t), probe)
-    return Cascade(q * (after - before), q[None, :, None] * diff, shells(_matrices(traj, t, hops)))
+    before = probe_losses(sim, probe_vars(traj.state_at(t)), probe)
+    after = probe_losses(sim, half_vars(traj, t), probe)
+    return Cascade(q * (after - before), q[None, :, None] * diff,
+                   shells(traj.matrices_from(t, hops)))
 
 
 def gt_cascade(
@@ -156,71 +172,73 @@ def gt_cascade(
       A :class:`Cascade`; ``.total`` is DICE-GT^(r), ``.network(h)`` the network-level reading.
     """
     q = check_query(traj, probe, step, hops, node_weights, loss_fn)
-    return _gt_cascade(
+    return compute_gt_cascade(
         loss_fn,
         traj,
         probe,
         jnp.asarray(step),
-        q.astype(_float_dtype(traj)),
+        q.astype(float_dtype(traj)),
         hops=hops,
         batch_size=batch_size,
     )
 
 
-def _slope_and_curvature(loss_fn, params, tangent, probe, *, lead: int, sign: int) -> jax.Array:
-    """``g·u + sign · ½ uᵀHu`` of every stacked parameter set's probe loss along ``u``.
+def slope_and_curvature(sim, variables, tangent, probe, *, lead: int, sign: int) -> jax.Array:
+    """``g·u + sign · ½ uᵀHu`` of every stacked node's probe loss along ``u``.
 
-    ``g`` and ``H`` are the probe-loss gradient and Hessian at ``params``; both terms are the
-    first and second derivatives of ``ε ↦ L(θ + εu)`` at 0 (a jvp of a jvp).
+    ``g`` and ``H`` are the probe-loss gradient and Hessian at ``variables``; both terms are
+    the first and second derivatives of ``ε ↦ L(v + εu)`` at 0 (a jvp of a jvp).
 
     Args:
-      params, tangent: stacked pytrees with ``lead`` leading axes.
+      sim: the simulator (its loss form).
+      variables, tangent: stacked ``(params, model_state)`` pairs with ``lead`` leading axes.
 
     Returns:
       ``[*lead]`` values.
     """
 
-    def slope(p):
-        return jax.jvp(lambda a: node_losses(loss_fn, a, probe, lead=lead), (p,), (tangent,))[1]
+    def slope(v):
+        return jax.jvp(lambda a: probe_losses(sim, a, probe, lead=lead), (v,), (tangent,))[1]
 
-    d1, d2 = jax.jvp(slope, (params,), (tangent,))
+    d1, d2 = jax.jvp(slope, (variables,), (tangent,))
     return d1 + sign * 0.5 * d2
 
 
 @functools.partial(jax.jit, static_argnames=("loss_fn", "hops", "order", "direct", "batch_size"))
-def _e_cascade(loss_fn, traj, probe, t, q, *, hops, order, direct, batch_size):
+def compute_e_cascade(loss_fn, traj, probe, t, q, *, hops, order, direct, batch_size):
+    """The unvalidated core of :func:`e_cascade` (``t`` may be traced)."""
     n = q.shape[0]
-    dtype = _float_dtype(traj)
+    dtype = float_dtype(traj)
+    sim = rerun_simulator(loss_fn, traj)
     ones, eye = jnp.ones((n,), dtype), jnp.eye(n, dtype=dtype)
-    theta, half = _at(traj.params, t), _at(traj.half_params, t)
+    theta, half = probe_vars(traj.state_at(t)), half_vars(traj, t)
     v = jax.tree.map(jnp.subtract, half, theta)
     # one linearisation of the r-step re-run in the gates; its linear map is applied to the
     # n unit gates (vmap), giving every source's perturbation δ [r, n, ...]
-    actual, lin = jax.linearize(lambda a: rollout(loss_fn, traj, t, hops, a), ones)
+    actual, lin = jax.linearize(lambda a: probe_vars(rerun(loss_fn, traj, t, hops, a)), ones)
     if order == 1:
         # the probe gradients once per (hop, node) [r, n, ...], not per source
-        g = jax.vmap(jax.vmap(jax.grad(lambda p: loss_fn(p, probe))))(actual)
+        g = probe_grads(sim, actual, probe, lead=2)
 
         def response_of(e):
-            return _tree_dot(g, lin(e), lead=2)
+            return tree_dot(g, lin(e), lead=2)
     else:
         # g·δ and δᵀH'δ as the first and second directional derivatives of every observer's
         # probe loss along δ (forward over forward: no backward pass through the probe,
         # ~8x cheaper than a Hessian-vector product for the CNN on CPU)
         def response_of(e):
-            return _slope_and_curvature(loss_fn, actual, lin(e), probe, lead=2, sign=-1)
+            return slope_and_curvature(sim, actual, lin(e), probe, lead=2, sign=-1)
 
-    response = _map(response_of, eye, batch_size)  # [j, r, k] = g_k · δ_k(j) (+ curvature)
+    response = map_sources(response_of, eye, batch_size)  # [j, r, k] = g_k · δ_k(j) (+ curv.)
     matrix = q[None, :, None] * jnp.transpose(response, (1, 2, 0))
 
     if direct == "exact":
-        own = node_losses(loss_fn, half, probe) - node_losses(loss_fn, theta, probe)
+        own = probe_losses(sim, half, probe) - probe_losses(sim, theta, probe)
+    elif order == 1:
+        own = tree_dot(probe_grads(sim, theta, probe), v)
     else:
-        if order == 1:
-            own = _tree_dot(jax.vmap(jax.grad(lambda p: loss_fn(p, probe)))(theta), v)
-        else:
-            own = _slope_and_curvature(loss_fn, theta, v, probe, lead=1, sign=1)
-    return Cascade(q * own, matrix, shells(_matrices(traj, t, hops)))
+        own = slope_and_curvature(sim, theta, v, probe, lead=1, sign=1)
+    return Cascade(q * own, matrix, shells(traj.matrices_from(t, hops)))
 
 
 def e_cascade(
@@ -256,12 +274,12 @@ def e_cascade(
         raise ValueError(f"order: must be 1 or 2, got {order!r}")
     if direct not in ("taylor", "exact"):
         raise ValueError(f"direct: must be 'taylor' or 'exact', got {direct!r}")
-    return _e_cascade(
+    return compute_e_cascade(
         loss_fn,
         traj,
         probe,
         jnp.asarray(step),
-        q.astype(_float_dtype(traj)),
+        q.astype(float_dtype(traj)),
         hops=hops,
         order=order,
         direct=direct,
@@ -320,26 +338,43 @@ def dice_gt_network(
     traj: Trajectory,
     probe: PyTree,
     step: int,
-    horizon: int = 1,
+    hops: int | None = None,
     node_weights: jax.Array | None = None,
     *,
     batch_size: int | None = None,
+    horizon: int | None = None,
 ) -> jax.Array:
-    """Exact network-level influence ``Σ_k q_k [L(θ_k^{t+h}) − L(θ̃_k^{t+h})]``: ``[n]``."""
+    """Exact network-level influence ``Σ_k q_k [L(θ_k^{t+h}) − L(θ̃_k^{t+h})]``: ``[n]``.
+
+    Args:
+      loss_fn, traj, probe, step, node_weights, batch_size: as in :func:`gt_cascade`.
+      hops: ``h >= 1``, the number of later steps (default 1); ``horizon=`` is its
+        deprecated name.
+    """
+    hops = _renamed_horizon(hops, horizon, 1)
     return gt_cascade(
-        loss_fn, traj, probe, step, horizon, node_weights, batch_size=batch_size
+        loss_fn, traj, probe, step, hops, node_weights, batch_size=batch_size
     ).network()
 
 
-@functools.partial(jax.jit, static_argnames=("loss_fn", "horizon"))
-def _e_network(loss_fn, traj, probe, t, q, *, horizon):
-    ones = jnp.ones(q.shape, _float_dtype(traj))
+def network_objective(loss_fn: LossFn, traj: Trajectory, probe: PyTree, t, hops: int,
+                      q: jax.Array):
+    """``α ↦ Σ_k q_k L(θ_k^{t+h}(α); z')``: the probe objective ``h`` steps after the gates
+    ``α`` ``[n]`` at local step ``t`` (its gradient at ``α = 1`` is the adjoint estimate)."""
+    sim = rerun_simulator(loss_fn, traj)
 
     def objective(alpha):
-        last = jax.tree.map(lambda x: x[-1], rollout(loss_fn, traj, t, horizon, alpha))
-        return jnp.dot(q, node_losses(loss_fn, last, probe))
+        last = rerun(loss_fn, traj, t, hops, alpha, every_step=False)
+        return jnp.dot(q, probe_losses(sim, probe_vars(last), probe))
 
-    return jax.grad(objective)(ones)
+    return objective
+
+
+@functools.partial(jax.jit, static_argnames=("loss_fn", "hops"))
+def compute_e_network(loss_fn, traj, probe, t, q, *, hops):
+    """The unvalidated core of :func:`dice_e_network` (``t`` may be traced)."""
+    ones = jnp.ones(q.shape, float_dtype(traj))
+    return jax.grad(network_objective(loss_fn, traj, probe, t, hops, q))(ones)
 
 
 def dice_e_network(
@@ -347,16 +382,23 @@ def dice_e_network(
     traj: Trajectory,
     probe: PyTree,
     step: int,
-    horizon: int = 1,
+    hops: int | None = None,
     node_weights: jax.Array | None = None,
+    *,
+    horizon: int | None = None,
 ) -> jax.Array:
-    """First-order network-level influence of every source at horizon ``h``: ``[n]``.
+    """First-order network-level influence of every source, ``h`` steps later: ``[n]``.
 
     Computed by one adjoint sweep (reverse mode through the ``h``-step re-run):
     ``λ ← J_stepᵀ λ`` from ``λ^{t+h} = q ⊙ g^{t+h}``, then ``⟨λ_j, v_j⟩`` for every source.
     Equals ``e_cascade(..., hops=h).network()`` at a cost independent of ``n`` sources.
+
+    Args:
+      loss_fn, traj, probe, step, node_weights: as in :func:`e_cascade`.
+      hops: ``h >= 1`` (default 1); ``horizon=`` is its deprecated name.
     """
-    q = check_query(traj, probe, step, horizon, node_weights, loss_fn)
-    return _e_network(
-        loss_fn, traj, probe, jnp.asarray(step), q.astype(_float_dtype(traj)), horizon=horizon
+    hops = _renamed_horizon(hops, horizon, 1)
+    q = check_query(traj, probe, step, hops, node_weights, loss_fn)
+    return compute_e_network(
+        loss_fn, traj, probe, jnp.asarray(step), q.astype(float_dtype(traj)), hops=hops
     )

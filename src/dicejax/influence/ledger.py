@@ -5,30 +5,37 @@
 * :func:`trajectory_attribution` — the exact linearised effect of every (node, step) local
   update on the final probe objective ``Σ_k q_k L(θ_k^T; z')``, from ONE reverse pass through
   the whole re-run (``lax.scan`` with ``jax.checkpoint``, so memory stays bounded).
-* :func:`per_sample` — the first-order DICE-E score of each sample in a source's batch.
+* :func:`dice_e_per_sample` — the first-order DICE-E score of each sample in a source's batch.
 """
 
 from __future__ import annotations
 
 import functools
+import warnings
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from dicejax.influence.cascade import _e_cascade, _float_dtype, _matrices
-from dicejax.influence.proximal import _proximal
-from dicejax.influence.rollout import (
+from dicejax.influence.cascade import compute_e_cascade, network_objective
+from dicejax.influence.proximal import compute_proximal
+from dicejax.influence.rerun import (
+    MAX_UNROLLED_HOPS,
     batches_at,
     check_query,
-    gated_step,
-    node_losses,
-    rollout,
+    check_step,
+    float_dtype,
+    gates_at,
+    probe_losses,
+    probe_vars,
+    rerun_simulator,
     shells,
-    state_at,
+    tree_at,
+    tree_dot,
 )
-from dicejax.simulate import LossFn, NodeState, Trajectory
+from dicejax.simulator import Gate, LossFn, NodeState, run
+from dicejax.trajectory import Trajectory
 
 PyTree = Any
 
@@ -64,62 +71,58 @@ def _ledger(loss_fn, traj, probe, steps, q, *, hops, batch_size):
     ones = jnp.ones(q.shape, q.dtype)
 
     def one(t):
-        cas = _e_cascade(loss_fn, traj, probe, t, q, hops=hops, order=1, direct="taylor",
-                         batch_size=batch_size)
-
-        def objective(alpha):
-            last = jax.tree.map(lambda x: x[-1], rollout(loss_fn, traj, t, hops, alpha))
-            return jnp.dot(q, node_losses(loss_fn, last, probe))
-
-        net = jax.grad(objective)(ones)
-        return cas.total, net, _proximal(loss_fn, traj, probe, t, q)
+        cas = compute_e_cascade(loss_fn, traj, probe, t, q, hops=hops, order=1,
+                                direct="taylor", batch_size=batch_size)
+        net = jax.grad(network_objective(loss_fn, traj, probe, t, hops, q))(ones)
+        return cas.total, net, compute_proximal(loss_fn, traj, probe, t, q)
 
     scores, network, prox = jax.lax.map(one, steps)
     return Ledger(steps, scores, network, jnp.sum(prox, axis=0))
 
 
-def ledger(loss_fn: LossFn, traj: Trajectory, probe: PyTree, hops: int = 1, stride: int = 1,
-           node_weights: jax.Array | None = None, *, start: int = 0,
-           batch_size: int | None = None) -> Ledger:
+def ledger(loss_fn: LossFn, traj: Trajectory, probe: PyTree, hops: int = 1,
+           node_weights: jax.Array | None = None, *, start: int = 0, stop: int | None = None,
+           stride: int = 1, batch_size: int | None = None) -> Ledger:
     """DICE-E of every node at every ``stride``-th step, in one jitted pass.
 
     Args:
       loss_fn: one node's loss.
       traj: recorded trajectory.
       probe: probe batch ``z'``.
-      hops: ``r`` for the per-step scores and the network horizon.
-      stride: score steps ``start, start + stride, ...`` up to ``T − r``.
+      hops: ``r`` for the per-step scores and the network reading.
       node_weights: ``q`` (default ``1/n``).
-      start: first scored step.
+      start: first scored step (local index).
+      stop: one past the last scored step (local; default and at most ``T − r + 1``).
+      stride: score steps ``start, start + stride, ...`` below ``stop``.
       batch_size: sources per forward cascade batch (bounds memory).
 
     Returns:
-      A :class:`Ledger`.
+      A :class:`Ledger` (``steps`` are local indices).
     """
     q = check_query(traj, probe, start, hops, node_weights, loss_fn)
-    if not isinstance(stride, int | np.integer) or stride < 1:
+    if isinstance(stride, bool) or not isinstance(stride, int | np.integer) or stride < 1:
         raise ValueError(f"stride: must be a positive integer, got {stride!r}")
-    steps = jnp.arange(start, traj.num_steps - hops + 1, stride)
-    return _ledger(loss_fn, traj, probe, steps, q.astype(_float_dtype(traj)), hops=hops,
+    last = traj.num_steps - hops + 1
+    stop = last if stop is None else check_step(stop, "stop", traj.num_steps, stop=True)
+    if not start < stop <= last:
+        raise ValueError(f"stop: must lie in ({start}, {last}] (the last scored step needs "
+                         f"{hops} later steps), got {stop}")
+    steps = jnp.arange(start, stop, stride)
+    return _ledger(loss_fn, traj, probe, steps, q.astype(float_dtype(traj)), hops=hops,
                    batch_size=batch_size)
 
 
 @functools.partial(jax.jit, static_argnames=("loss_fn", "remat"))
 def _attribution(loss_fn, traj, probe, q, *, remat):
     T, n = traj.num_steps, traj.num_nodes
-    state0 = state_at(traj, 0)
-
-    def body(state, xs):
-        batch, alpha, t = xs
-        state, _ = gated_step(loss_fn, traj, state, batch, alpha, t)
-        return state, None
-
-    if remat:
-        body = jax.checkpoint(body)
+    sim = rerun_simulator(loss_fn, traj)
+    own = gates_at(traj, 0, T)
 
     def objective(alphas):
-        final, _ = jax.lax.scan(body, state0, (traj.batches, alphas, jnp.arange(T)))
-        return jnp.dot(q, node_losses(loss_fn, final.params, probe))
+        gates = (Gate(alphas, alphas) if own is None
+                 else Gate(own.update * alphas, own.state * alphas))
+        final, _ = run(sim, traj.state_at(0), traj.batches, gates, remat=remat)
+        return jnp.dot(q, probe_losses(sim, probe_vars(final), probe))
 
     return jax.grad(objective)(jnp.ones((T, n), q.dtype))
 
@@ -147,29 +150,30 @@ def trajectory_attribution(loss_fn: LossFn, traj: Trajectory, probe: PyTree,
       ``[T, n]``.
     """
     q = check_query(traj, probe, 0, traj.num_steps, node_weights, loss_fn)
-    return _attribution(loss_fn, traj, probe, q.astype(_float_dtype(traj)), remat=remat)
+    return _attribution(loss_fn, traj, probe, q.astype(float_dtype(traj)), remat=remat)
 
 
 @functools.partial(jax.jit, static_argnames=("loss_fn", "hops"))
 def _per_sample(loss_fn, traj, probe, t, q, *, hops):
     n = q.shape[0]
-    state = state_at(traj, t)
-    batch = jax.tree.map(lambda x: x[0], batches_at(traj, t, 1))  # [n, B, ...]
-    half = jax.tree.map(lambda x: x[t], traj.half_params)
-    opt_next = jax.tree.map(lambda x: x[t + 1], traj.opt_states)
-    later = batches_at(traj, t + 1, hops - 1) if hops > 1 else None
-    mask = shells(_matrices(traj, t, hops))  # [r, k, j]
+    sim = rerun_simulator(loss_fn, traj)
+    state = traj.state_at(t)
+    batch = tree_at(batches_at(traj, t, 1), 0)  # [n, B, ...]
+    half = tree_at(traj.half_params, t)
+    opt_next = tree_at(traj.opt_states, t + 1)
+    mask = shells(traj.matrices_from(t, hops))  # [r, k, j]
 
     def forward(h, s):
-        """Gossip of gated halves at t, then r − 1 plain steps: probe losses [r, n]."""
-        st = NodeState(traj.mixer.apply(state.step, h), s, state.step + 1)
-        outs = [st.params]
-        for u in range(hops - 1):
-            st, _ = gated_step(loss_fn, traj, st, jax.tree.map(lambda x, u=u: x[u], later),
-                               None, t + 1 + u)
-            outs.append(st.params)
-        params = jax.tree.map(lambda *xs: jnp.stack(xs), *outs)
-        return node_losses(loss_fn, params, probe, lead=2)
+        """Gossip of gated halves at t, then r − 1 recorded steps: probe losses [r, n]."""
+        st = NodeState(sim.mixer.apply(state.step, h), s, state.step + 1)
+        params = jax.tree.map(lambda x: x[None], st.params)
+        if hops > 1:
+            _, outs = run(sim, st, batches_at(traj, t + 1, hops - 1),
+                          gates_at(traj, t + 1, hops - 1), record=True,
+                          unroll=hops - 1 <= MAX_UNROLLED_HOPS)
+            params = jax.tree.map(lambda a, b: jnp.concatenate([a, b]), params,
+                                  outs.state.params)
+        return probe_losses(sim, (params, None), probe, lead=2)
 
     _, vjp = jax.vjp(forward, half, opt_next)
 
@@ -197,22 +201,14 @@ def _per_sample(loss_fn, traj, probe, t, q, *, hops):
 
         def score(gi):
             du, ds = lin(jax.tree.map(lambda x: x / B, gi))
-            return _float_dot(a_j, du) + _float_dot(b_j, ds)
+            return tree_dot(a_j, du, lead=0) + tree_dot(b_j, ds, lead=0)
 
         return jax.vmap(score)(grads)
 
     return jax.vmap(node_scores)(state.params, state.opt_state, batch, a, b)
 
 
-def _float_dot(a, b) -> jax.Array:
-    total = 0.0
-    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
-        if jnp.issubdtype(jnp.result_type(y), jnp.inexact) and y.dtype != jax.dtypes.float0:
-            total = total + jnp.sum(x * y)
-    return total
-
-
-def per_sample(loss_fn: LossFn, traj: Trajectory, probe: PyTree, step: int, hops: int = 1,
+def dice_e_per_sample(loss_fn: LossFn, traj: Trajectory, probe: PyTree, step: int, hops: int = 1,
                node_weights: jax.Array | None = None) -> jax.Array:
     """First-order DICE-E^(r) score of every sample in every source's batch at step ``t``.
 
@@ -230,6 +226,18 @@ def per_sample(loss_fn: LossFn, traj: Trajectory, probe: PyTree, step: int, hops
       ``[n, B]``: score of sample ``i`` of source ``j`` (negative = helpful).
     """
     q = check_query(traj, probe, step, hops, node_weights, loss_fn)
-    return _per_sample(loss_fn, traj, probe, jnp.asarray(step), q.astype(_float_dtype(traj)),
+    sim = traj.simulator
+    if sim.stateful or sim.rng or sim.has_aux:
+        raise ValueError("traj: per-sample scores need a plain loss_fn(params, batch) -> loss "
+                         "(no model state, PRNG key or aux output: a batch's statistics or "
+                         "dropout masks do not split over its samples)")
+    return _per_sample(loss_fn, traj, probe, jnp.asarray(step), q.astype(float_dtype(traj)),
                        hops=hops)
+
+
+def per_sample(*args, **kwargs) -> jax.Array:
+    """Deprecated name of :func:`dice_e_per_sample`."""
+    warnings.warn("per_sample is deprecated; use dice_e_per_sample", DeprecationWarning,
+                  stacklevel=2)
+    return dice_e_per_sample(*args, **kwargs)
 

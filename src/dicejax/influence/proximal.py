@@ -24,8 +24,17 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from dicejax.influence.rollout import check_query
-from dicejax.simulate import LossFn, Trajectory
+from dicejax.influence.cascade import half_vars
+from dicejax.influence.rerun import (
+    check_query,
+    check_step,
+    float_dtype,
+    probe_grads,
+    probe_vars,
+    rerun_simulator,
+)
+from dicejax.simulator import LossFn
+from dicejax.trajectory import Trajectory
 
 PyTree = Any
 
@@ -35,23 +44,40 @@ def _flat(tree: PyTree) -> jax.Array:
     return jnp.concatenate([x.reshape(x.shape[0], -1) for x in leaves], axis=1)
 
 
+def _dots(a: PyTree, b: PyTree) -> jax.Array:
+    """``[k, j]``: ``a_k · b_j`` of two node-stacked pytrees (float leaves), one product."""
+    pairs = [(x, y) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True)
+             if jnp.issubdtype(jnp.result_type(y), jnp.inexact)]
+    if not pairs:
+        return 0.0
+    xs, ys = zip(*pairs, strict=True)
+    return jnp.matmul(_flat(list(xs)), _flat(list(ys)).T, precision=jax.lax.Precision.HIGHEST)
+
+
 @functools.partial(jax.jit, static_argnames=("loss_fn", "weighted"))
-def _proximal(loss_fn, traj, probe, t, q, weighted=True):
-    theta = jax.tree.map(lambda x: x[t], traj.params)
-    half = jax.tree.map(lambda x: x[t], traj.half_params)
-    nxt = jax.tree.map(lambda x: x[t + 1], traj.params)
-    g = jax.vmap(jax.grad(lambda p: loss_fn(p, probe)))(nxt)
-    v = jax.tree.map(jnp.subtract, half, theta)
-    dots = jnp.matmul(_flat(g), _flat(v).T, precision=jax.lax.Precision.HIGHEST)  # [k, j]
-    if not weighted:
-        return q[:, None] * dots
-    W = traj.mixer.matrix_at(traj.start_step + t).astype(dots.dtype)
-    return q[:, None] * W * dots
+def compute_proximal(loss_fn, traj, probe, t, q, weighted=True):
+    """The unvalidated core of :func:`proximal` (``t`` may be traced)."""
+    sim = rerun_simulator(loss_fn, traj)
+    (theta, s_theta), (half, s_half) = probe_vars(traj.state_at(t)), half_vars(traj, t)
+    g, g_state = probe_grads(sim, probe_vars(traj.state_at(t + 1)), probe)
+    dots = _dots(g, jax.tree.map(jnp.subtract, half, theta))  # [k, j]
+    own = None
+    if sim.stateful:  # the model-state change travels with the gossip, or stays at j
+        ds = _dots(g_state, jax.tree.map(jnp.subtract, s_half, s_theta))
+        if sim.gossip_model_state:
+            dots = dots + ds
+        else:
+            own = jnp.diag(jnp.diagonal(ds))
+    if weighted:
+        out = q[:, None] * traj.matrix_at(t).astype(dots.dtype) * dots
+    else:
+        out = q[:, None] * dots
+    return out if own is None else out + q[:, None] * own.astype(dots.dtype)
 
 
 @functools.partial(jax.jit, static_argnames=("loss_fn", "weighted"))
 def _window(loss_fn, traj, probe, steps, q, weighted):
-    return jax.lax.map(lambda t: _proximal(loss_fn, traj, probe, t, q, weighted), steps)
+    return jax.lax.map(lambda t: compute_proximal(loss_fn, traj, probe, t, q, weighted), steps)
 
 
 def proximal(
@@ -60,6 +86,7 @@ def proximal(
     probe: PyTree,
     step: int,
     node_weights: jax.Array | None = None,
+    *,
     weighted: bool = True,
 ) -> jax.Array:
     """Proximal influence of every in-neighbour on every node at step ``t``.
@@ -78,38 +105,38 @@ def proximal(
       the diagonal is a node's effect on itself through its self-weight).
     """
     q = check_query(traj, probe, step, 1, node_weights, loss_fn)
-    dtype = jax.tree.leaves(traj.params)[0].dtype
-    return _proximal(loss_fn, traj, probe, jnp.asarray(step), q.astype(dtype), bool(weighted))
+    return compute_proximal(loss_fn, traj, probe, jnp.asarray(step),
+                            q.astype(float_dtype(traj)), bool(weighted))
 
 
-def proximal_steps(loss_fn: LossFn, traj: Trajectory, probe: PyTree, start: int = 0,
-                   stop: int | None = None, node_weights: jax.Array | None = None,
-                   weighted: bool = True, stride: int = 1) -> jax.Array:
+def proximal_steps(loss_fn: LossFn, traj: Trajectory, probe: PyTree,
+                   node_weights: jax.Array | None = None, *, start: int = 0,
+                   stop: int | None = None, stride: int = 1, weighted: bool = True) -> jax.Array:
     """Proximal influence at every step of a window, in one jitted pass.
 
     Args:
       loss_fn: one node's loss.
       traj: recorded trajectory (``record=True``).
       probe: probe batch ``z'``.
-      start: first step (local index).
-      stop: one past the last step (default ``T``).
       node_weights: ``q`` ``[n]`` (default ``1/n``).
-      weighted: see :func:`proximal`.
+      start: first step (local index, ``0 <= start < T``).
+      stop: one past the last step (local, default ``T``).
       stride: score every ``stride``-th step (``start, start + stride, ...``).
+      weighted: see :func:`proximal`.
 
     Returns:
       ``[S, n, n]`` with ``S = ceil((stop − start) / stride)``; entry ``[s, k, j]`` is
       :func:`proximal` at step ``start + s · stride``.
     """
+    start = check_step(start, "start", traj.num_steps)
     stop = traj.num_steps if stop is None else stop
-    if not isinstance(stop, int | np.integer) or stop <= start:
+    if isinstance(stop, bool) or not isinstance(stop, int | np.integer) or stop <= start:
         raise ValueError(f"stop: must be an integer above start={start}, got {stop!r}")
     if isinstance(stride, bool) or not isinstance(stride, int | np.integer) or stride < 1:
         raise ValueError(f"stride: must be a positive integer, got {stride!r}")
     q = check_query(traj, probe, start, stop - start, node_weights, loss_fn)
-    dtype = jax.tree.leaves(traj.params)[0].dtype
-    return _window(loss_fn, traj, probe, jnp.arange(start, stop, stride), q.astype(dtype),
-                   bool(weighted))
+    return _window(loss_fn, traj, probe, jnp.arange(start, stop, stride),
+                   q.astype(float_dtype(traj)), bool(weighted))
 
 
 def reciprocity(prox: jax.Array, eps: float = 0.0) -> jax.Array:
