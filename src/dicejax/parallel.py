@@ -37,7 +37,6 @@ See ``docs/parallel.md``.
 from __future__ import annotations
 
 import dataclasses
-import math
 from collections.abc import Sequence
 from typing import Any, Literal, NamedTuple
 
@@ -50,6 +49,7 @@ from jax.sharding import PartitionSpec as P
 
 from dicejax import pytrees
 from dicejax.mixing import Mixer, choose_method, flat_apply
+from dicejax.pytrees import tree_bytes
 from dicejax.simulator import NodeState, StepOutput
 
 PyTree = Any
@@ -557,11 +557,6 @@ def shard_mixer(mixer: Mixer, layout: NodeLayout, method: ShardedMethod = "auto"
 # --------------------------------------------------------------------------------------------
 
 
-def _tree_bytes(tree: PyTree) -> int:
-    return int(sum(math.prod(x.shape) * np.dtype(x.dtype).itemsize
-                   for x in jax.tree.leaves(tree)))
-
-
 class MemoryModel(NamedTuple):
     """Bytes one node needs on its device (see :func:`memory_model`).
 
@@ -677,14 +672,14 @@ def memory_model(params: PyTree, optimizer: optax.GradientTransformation | None 
         raise ValueError("compiled: needs loss_fn and batch")
     if loss_fn is not None and batch is not None:
         res = jax.eval_shape(lambda p, z: jax.vjp(lambda q: loss_fn(q, z), p)[1], params, batch)
-        acts = _tree_bytes(res)
+        acts = tree_bytes(res)
         if compiled:
             shapes = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype),
                                   (params, batch))
             stats = jax.jit(jax.grad(loss_fn)).lower(*shapes).compile().memory_analysis()
             work = int(getattr(stats, "temp_size_in_bytes", 0) or 0)
-    return MemoryModel(_tree_bytes(params), _tree_bytes(opt), acts,
-                       0 if batch is None else _tree_bytes(batch), work)
+    return MemoryModel(tree_bytes(params), tree_bytes(opt), acts,
+                       0 if batch is None else tree_bytes(batch), work)
 
 
 __all__ = [

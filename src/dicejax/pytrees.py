@@ -10,11 +10,13 @@ but importing flax loads flax.linen and rich, which the core does not need.)
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Sequence
 from typing import Any, TypeVar
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 T = TypeVar("T")
 PyTree = Any
@@ -49,4 +51,10 @@ def concat(parts: Sequence[PyTree]) -> PyTree:
     return jax.tree.map(lambda *xs: jnp.concatenate(xs, axis=0), *parts)
 
 
-__all__ = ["concat", "dataclass", "stack", "static_field"]
+def tree_bytes(tree: PyTree) -> int:
+    """Bytes of every array (or shape struct) leaf of ``tree``."""
+    return int(sum(math.prod(np.shape(x)) * np.dtype(x.dtype).itemsize
+                   for x in jax.tree.leaves(tree)))
+
+
+__all__ = ["concat", "dataclass", "stack", "static_field", "tree_bytes"]

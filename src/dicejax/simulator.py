@@ -273,13 +273,18 @@ class Simulator:
         """One node's evaluation loss ``L(θ; z)`` (a scalar; ``key=None``, aux dropped)."""
         return self.loss_parts(params, model_state, batch, None)[0]
 
-    def node_keys(self, state: NodeState) -> jax.Array | None:
-        """``[n]`` PRNG keys of the step ``state.step``: ``fold_in(fold_in(key, t), k)``."""
+    def keys_for(self, key: jax.Array | None, step, nodes: jax.Array) -> jax.Array | None:
+        """PRNG keys of ``nodes`` ``[m]`` at global step ``step``:
+        ``fold_in(fold_in(key, step), k)`` (None without ``rng``)."""
         if not self.rng:
             return None
+        base = jax.random.fold_in(key, step)
+        return jax.vmap(lambda k: jax.random.fold_in(base, k))(nodes)
+
+    def node_keys(self, state: NodeState) -> jax.Array | None:
+        """``[n]`` PRNG keys of every node at the step ``state.step``."""
         n = jax.tree.leaves(state.params)[0].shape[0]
-        key = jax.random.fold_in(state.key, state.step)
-        return jax.vmap(lambda k: jax.random.fold_in(key, k))(jnp.arange(n))
+        return self.keys_for(state.key, state.step, jnp.arange(n))
 
     # ----------------------------------------------------------------------------------------
     # init / step

@@ -229,6 +229,13 @@ class Trajectory:
         """The recorded :class:`NodeState` at local index ``t`` (``0 <= t <= T``)."""
         return jax.tree.map(lambda x: x[t], self.states)
 
+    def node_state(self, t, k) -> NodeState:
+        """Node ``k``'s recorded :class:`NodeState` at local step ``t`` (no node axis)."""
+        st = self.state_at(t)
+        params, opt, ms = jax.tree.map(lambda x: x[k], (st.params, st.opt_state,
+                                                        st.model_state))
+        return st._replace(params=params, opt_state=opt, model_state=ms)
+
     def matrix_at(self, t) -> jax.Array:
         """``W`` ``[n, n]`` of the local step ``t`` (may be traced)."""
         return self.mixer.matrix_at(self.start_step + t)

@@ -11,6 +11,7 @@ score follows the source's update (``horizon`` is its deprecated name).
 
 from dicejax.influence.cascade import (
     Cascade,
+    SparseCascade,
     dice_e,
     dice_e_network,
     dice_gt,
@@ -36,6 +37,7 @@ from dicejax.influence.rerun import shells
 __all__ = [
     "Cascade",
     "Ledger",
+    "SparseCascade",
     "dice_e",
     "dice_e_network",
     "dice_e_per_sample",

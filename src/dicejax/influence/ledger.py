@@ -71,8 +71,8 @@ def _ledger(loss_fn, traj, probe, steps, q, *, hops, batch_size):
     ones = jnp.ones(q.shape, q.dtype)
 
     def one(t):
-        cas = compute_e_cascade(loss_fn, traj, probe, t, q, hops=hops, order=1,
-                                direct="taylor", batch_size=batch_size)
+        cas = compute_e_cascade(loss_fn, traj, probe, t, q, jnp.arange(q.shape[0]), hops=hops,
+                                order=1, direct="taylor", batch_size=batch_size)
         net = jax.grad(network_objective(loss_fn, traj, probe, t, hops, q))(ones)
         return cas.total, net, compute_proximal(loss_fn, traj, probe, t, q)
 

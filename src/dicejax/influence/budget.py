@@ -1,0 +1,160 @@
+"""Memory budgets for per-source influence computations: sources per chunk from bytes per source.
+
+Every per-source function (``gt_cascade``, ``e_cascade``, ``dice_gt``, ``dice_e``) ``vmap``s a
+re-run over its sources. Without ``batch_size``, the number of sources per chunk is the
+largest that keeps :func:`source_bytes` times the chunk within the memory budget
+(``memory_budget=`` bytes, default :data:`DEFAULT_FRACTION` of the memory still free on the
+device: on CPU ``MemAvailable`` of ``/proc/meminfo``, on an accelerator its allocator's
+limit minus what is in use). When even one source does not fit, a ``ValueError`` says how
+much it needs.
+
+The estimate counts, per source, the largest hop of its re-run: the local updates of the
+nodes it has reached (their states, gradients, new optimizer states and the activations the
+backward pass keeps), the gossiped states of the next hop and the probe evaluations of the
+reached nodes; DICE-E counts twice (a tangent beside every primal value). ``README.md``
+(memory guide) and
+``benchmarks/bench_reach.py`` compare it with measured peak memory.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, NamedTuple
+
+import jax
+import numpy as np
+
+from dicejax.pytrees import tree_bytes
+
+PyTree = Any
+
+#: Default budget: this fraction of the memory that is free when the call starts.
+DEFAULT_FRACTION = 0.5
+
+
+def available_memory(device: jax.Device | None = None) -> int:
+    """Bytes free on ``device`` (default: the first device of the default backend)."""
+    device = device or jax.devices()[0]
+    if device.platform != "cpu":
+        stats = device.memory_stats() or {}
+        limit = stats.get("bytes_limit")
+        if limit:
+            return int(limit - stats.get("bytes_in_use", 0))
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return int(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
+
+
+def default_budget() -> int:
+    """:data:`DEFAULT_FRACTION` of :func:`available_memory`."""
+    return int(DEFAULT_FRACTION * available_memory())
+
+
+def check_budget(memory_budget: Any) -> int:
+    """Validates ``memory_budget`` (positive bytes, or None for :func:`default_budget`)."""
+    if memory_budget is None:
+        return default_budget()
+    if isinstance(memory_budget, bool) or not isinstance(memory_budget, int | float | np.number) \
+            or not np.isfinite(memory_budget) or memory_budget <= 0:
+        raise ValueError(f"memory_budget: must be a positive number of bytes, got "
+                         f"{memory_budget!r}")
+    return int(memory_budget)
+
+
+class NodeBytes(NamedTuple):
+    """Bytes of one node's pieces.
+
+    Attributes:
+      params: ``θ``; opt_state: its optimizer state; model_state: its model state.
+      activations: what one local update's backward pass keeps (residuals of the loss' vjp
+        on one batch).
+      probe: residuals of one probe-loss evaluation's vjp (an upper bound of its forward).
+    """
+
+    params: int
+    opt_state: int
+    model_state: int
+    activations: int
+    probe: int
+
+    @property
+    def state(self) -> int:
+        return self.params + self.opt_state + self.model_state
+
+
+def node_bytes(sim, traj, probe: PyTree) -> NodeBytes:
+    """:class:`NodeBytes` of one node of ``traj`` (shapes only: nothing runs)."""
+    one = traj.node_state(0, 0)
+    batch = jax.tree.map(lambda x: x[0, 0], traj.batches)
+
+    def train(p):
+        return sim.loss_parts(p, one.model_state, batch, one.key)[0]
+
+    def probe_loss(p):
+        return sim.probe_loss(p, one.model_state, probe)
+
+    acts = tree_bytes(jax.eval_shape(lambda p: jax.vjp(train, p)[1], one.params))
+    probe_acts = tree_bytes(jax.eval_shape(lambda p: jax.vjp(probe_loss, p)[1], one.params))
+    return NodeBytes(tree_bytes(one.params), tree_bytes(one.opt_state),
+                     tree_bytes(one.model_state), acts, probe_acts)
+
+
+def source_bytes(nb: NodeBytes, sizes: tuple[int, ...], *, kind: str, order: int = 1,
+                 degree: int = 1) -> int:
+    """Estimated peak bytes of one source's re-run (see the module docstring).
+
+    Args:
+      nb: one node's bytes.
+      sizes: ``(M_0, .., M_r)``: nodes reached after each hop (all ``n`` for the dense
+        cascade).
+      kind: ``"gt"`` or ``"e"``.
+      order: the DICE-E order (2 adds the forward-over-forward probe evaluations).
+      degree: ``D``, the padded in-degree (the restricted gossip gathers ``D`` rows).
+    """
+    peak = 0
+    for s in range(1, len(sizes)):
+        local = sizes[s - 1] * (nb.activations + 3 * nb.params + 2 * nb.opt_state
+                                + 2 * nb.model_state)
+        gossip = sizes[s] * (nb.state + min(degree, 2) * nb.params)
+        probe = sizes[s] * nb.probe * (3 if (kind == "e" and order == 2) else 1)
+        peak = max(peak, local + gossip + probe)
+    states = sum(sizes[1:]) * nb.state  # what later hops keep of the earlier ones
+    # DICE-E carries a tangent beside every primal value; DICE-GT re-runs the counterfactual
+    return int((2 if kind == "e" else 1) * (peak + states))
+
+
+def human_bytes(value: float) -> str:
+    """``123.4 MiB`` and the like."""
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if value < 1024 or unit == "GiB":
+            return f"{value:.1f} {unit}" if unit != "B" else f"{int(value)} B"
+        value /= 1024
+    return f"{value:.1f} TiB"
+
+
+def chunk_size(num_sources: int, per_source: int, budget: int, *, what: str) -> int:
+    """Sources per chunk within ``budget``; ``ValueError`` when one source does not fit."""
+    if per_source > budget:
+        raise ValueError(
+            f"memory_budget: one source of {what} needs about {human_bytes(per_source)}, more "
+            f"than the budget of {human_bytes(budget)}; pass a larger memory_budget=, score "
+            "fewer hops, or run on a device with more memory")
+    return max(1, min(num_sources, budget // max(per_source, 1)))
+
+
+__all__ = [
+    "DEFAULT_FRACTION",
+    "NodeBytes",
+    "available_memory",
+    "check_budget",
+    "chunk_size",
+    "default_budget",
+    "human_bytes",
+    "node_bytes",
+    "source_bytes",
+]

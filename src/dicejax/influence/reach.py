@@ -1,0 +1,280 @@
+"""Reach-restricted cascades: a source's perturbation lives only on the nodes it has reached.
+
+Source ``j``'s update at step ``t`` changes, ``s`` steps later, only the nodes of its
+time-respecting reach ``R_s(j)`` (``R_0 = {j}``, ``R_s = R_{s-1} ∪ {k : W^{t+s-1}[k, i] > 0,
+i ∈ R_{s-1}}``, DESIGN §2.2). Every other node keeps its recorded state. So the exact
+counterfactual re-run of ``j`` (DICE-GT) and its first-order perturbation (DICE-E) need only
+``Σ_s |R_s(j)|`` node updates instead of ``r·n``: linear in ``n`` on bounded-degree graphs.
+
+The reach of every source is computed on the host from the run's neighbour lists
+(:func:`reach_tables`) as padded index sets with static shapes — ``nodes[s]`` ``[m, M_s]``,
+the reached nodes of each of ``m`` sources at hop ``s``, ``M_s = max_j |R_s(j)|``, padded with
+the out-of-range index ``n`` like jax-md's neighbour lists. Inside ``jit`` a re-run for one
+source (:func:`restricted_states`, ``vmap``-ed over sources) steps only the reached nodes:
+the local updates of ``R_{s-1}``, then the gossip into ``R_s``, where an in-neighbour outside
+``R_{s-1}`` contributes its recorded half step ``θ_i^{u+½}``, and a node newly reached keeps
+its recorded optimizer state. With ``α = 1`` this reproduces the recorded run on the reached
+nodes; with ``α = 0`` it is the counterfactual; its ``jvp`` in ``α`` is the DICE-E
+perturbation ``δ`` on the reached nodes (exactly zero elsewhere).
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from dicejax.influence.rerun import gates_at, tree_at
+from dicejax.mixing import Mixer
+from dicejax.simulator import Gate, NodeState, Simulator, as_gate
+from dicejax.simulator import gate as apply_gate
+from dicejax.trajectory import Trajectory
+
+PyTree = Any
+
+#: ``mode="auto"`` restricts the cascades to the reach when the largest reach after ``r`` hops
+#: covers at most this fraction of the nodes (else the dense cascade, which has no per-source
+#: gathers, is faster).
+REACH_MAX_FILL = 0.5
+
+#: Host reach computations process this many (source, node) pairs at a time.
+HOST_CHUNK = 1 << 24
+
+
+class NeighbourList(NamedTuple):
+    """The in-neighbour lists of a run's gossip (host arrays).
+
+    Attributes:
+      indices: ``[n, D]`` int32 in-neighbours of every node (union over the period), padded
+        with ``n``.
+      weights: ``[P, n, D]`` ``W^p[k, indices[k, d]]`` of each phase (0 at padded slots).
+    """
+
+    indices: np.ndarray
+    weights: np.ndarray
+
+
+def neighbour_list(mixer: Mixer) -> NeighbourList:
+    """The in-neighbour lists of ``mixer`` (its own for the sparse kernel, else built from
+    its matrices on the host)."""
+    if mixer.indices is not None:
+        return NeighbourList(np.asarray(mixer.indices), np.asarray(mixer.weights))
+    mats = np.asarray(mixer.matrices)
+    support = (mats != 0).any(axis=0)
+    n = support.shape[0]
+    width = max(int(support.sum(axis=1).max()), 1)
+    order = np.argsort(~support, axis=1, kind="stable")[:, :width]
+    real = np.take_along_axis(support, order, axis=1)
+    indices = np.where(real, order, n).astype(np.int32)
+    safe = np.minimum(indices, n - 1)
+    weights = np.where(real[None], np.take_along_axis(mats, np.broadcast_to(
+        safe, mats.shape[:1] + safe.shape), axis=-1), 0.0)
+    return NeighbourList(indices, weights)
+
+
+class ReachTables(NamedTuple):
+    """The padded reach of ``m`` sources over ``r`` hops (host ``int32`` arrays).
+
+    Attributes:
+      nodes: ``r + 1`` arrays ``[m, M_s]``: the nodes of ``R_s(j)`` in increasing order,
+        padded with ``n``; ``nodes[0]`` is ``[m, 1]``, the sources.
+      src_pos: ``r`` arrays ``[m, M_s, D]``: for slot ``d`` of node ``nodes[s][j, p]``, the
+        position of that in-neighbour in ``nodes[s-1][j]``, or ``M_{s-1}`` when it is not
+        there (its recorded half step is gossiped).
+      prev_pos: ``r`` arrays ``[m, M_s]``: the position of ``nodes[s][j, p]`` in
+        ``nodes[s-1][j]``, or ``M_{s-1}`` when it is newly reached at hop ``s``.
+    """
+
+    nodes: tuple[np.ndarray, ...]
+    src_pos: tuple[np.ndarray, ...]
+    prev_pos: tuple[np.ndarray, ...]
+
+    @property
+    def sizes(self) -> tuple[int, ...]:
+        """``(M_0, .., M_r)``: the padded reach size of each hop."""
+        return tuple(int(x.shape[1]) for x in self.nodes)
+
+    def device(self) -> ReachTables:
+        """The tables as device arrays (to pass into ``jit``)."""
+        return jax.tree.map(jnp.asarray, self)
+
+
+def _positions(reach: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
+    """Sorted member lists ``[m, M]`` (padded with ``n``) and the position map ``[m, n + 1]``
+    (``M`` for non-members and for the padding index ``n``) of boolean reach rows."""
+    m = reach.shape[0]
+    counts = reach.sum(axis=1)
+    width = max(int(counts.max()), 1)
+    rows, cols = np.nonzero(reach)
+    starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
+    rank = np.arange(rows.size) - starts[rows]
+    nodes = np.full((m, width), n, np.int32)
+    nodes[rows, rank] = cols
+    pos = np.full((m, n + 1), width, np.int32)
+    pos[rows, cols] = rank
+    return nodes, pos
+
+
+def reach_tables(nbrs: NeighbourList, phases: np.ndarray, sources: np.ndarray) -> ReachTables:
+    """The time-respecting reach of ``sources`` through the steps of ``phases``.
+
+    Args:
+      nbrs: the run's in-neighbour lists.
+      phases: ``[r]`` the phase (``global step % P``) of each of the ``r`` steps
+        ``t .. t+r-1``.
+      sources: ``[m]`` source nodes.
+
+    Returns:
+      The :class:`ReachTables`.
+    """
+    idx = nbrs.indices
+    n = idx.shape[0]
+    m = len(sources)
+    reach = np.zeros((m, n + 1), bool)  # column n: the padding index, never reached
+    reach[np.arange(m), sources] = True
+    nodes, src_pos, prev_pos = [], [], []
+    members, pos = _positions(reach[:, :n], n)
+    nodes.append(members)
+    for p in np.asarray(phases):
+        live = nbrs.weights[p] > 0  # [n, D] edges of this step
+        new = reach.copy()
+        rows = max(1, HOST_CHUNK // max(1, n * idx.shape[1]))
+        for a in range(0, m, rows):  # k receives from a reached in-neighbour along a live edge
+            hit = reach[a : a + rows][:, idx] & live[None]  # [rows, n, D]
+            new[a : a + rows, :n] |= hit.any(axis=2)
+        members_s, pos_s = _positions(new[:, :n], n)
+        # slot d of reached node k: where its in-neighbour sits among the previous reach
+        nb = idx[np.minimum(members_s, n - 1)]  # [m, M_s, D]
+        nb = np.where((members_s < n)[..., None], nb, n)
+        src_pos.append(np.take_along_axis(pos, nb.reshape(m, -1), axis=1).reshape(nb.shape))
+        prev_pos.append(np.take_along_axis(pos, members_s, axis=1))
+        nodes.append(members_s)
+        reach, pos = new, pos_s
+    return ReachTables(tuple(nodes), tuple(src_pos), tuple(prev_pos))
+
+
+def step_phases(traj: Trajectory, t: int, hops: int) -> np.ndarray:
+    """``[r]`` the mixer phases of the local steps ``t .. t+r-1``."""
+    return (traj.start_step + t + np.arange(hops)) % traj.mixer.period
+
+
+# --------------------------------------------------------------------------------------------
+# One source's re-run on its reach (traced; vmap over sources)
+# --------------------------------------------------------------------------------------------
+
+
+def _take(tree: PyTree, idx: jax.Array) -> PyTree:
+    """Rows ``idx`` of every leaf (padded indices read the last row: finite, masked later)."""
+    return jax.tree.map(lambda x: jnp.take(x, idx, axis=0, mode="clip"), tree)
+
+
+def _take_nodes(state: NodeState, idx: jax.Array) -> NodeState:
+    """The per-node fields of ``state`` at the nodes ``idx`` (step and key shared)."""
+    params, opt, ms = _take((state.params, state.opt_state, state.model_state), idx)
+    return state._replace(params=params, opt_state=opt, model_state=ms)
+
+
+def _pick(cur: PyTree, rec: PyTree, pos: jax.Array, size: int) -> PyTree:
+    """``cur[pos]`` where ``pos < size`` (a re-run value), else ``rec`` (the recorded one)."""
+
+    def one(c, r):
+        got = jnp.take(c, jnp.minimum(pos, size - 1), axis=0)
+        mask = (pos < size).reshape(pos.shape + (1,) * (c.ndim - 1))
+        return jnp.where(mask, got, r)
+
+    return jax.tree.map(one, cur, rec)
+
+
+def _gossip(half: PyTree, rec_half: PyTree, src_pos: jax.Array, nbr: jax.Array,
+            w: jax.Array, size: int) -> PyTree:
+    """``Σ_d w[p, d] · (half[src_pos[p, d]] or rec_half[nbr[p, d]])`` for every reached
+    node ``p`` (the padded neighbour-list gossip, restricted)."""
+
+    def one(h, r):
+        out = None
+        for d in range(src_pos.shape[1]):  # D is static: one fused loop per leaf
+            got = jnp.take(h, jnp.minimum(src_pos[:, d], size - 1), axis=0)
+            other = jnp.take(r, nbr[:, d], axis=0, mode="clip")
+            mask = (src_pos[:, d] < size).reshape((-1,) + (1,) * (h.ndim - 1))
+            term = w[:, d].astype(h.dtype).reshape((-1,) + (1,) * (h.ndim - 1)) * jnp.where(
+                mask, got, other)
+            out = term if out is None else out + term
+        return out
+
+    return jax.tree.map(one, half, rec_half)
+
+
+def restricted_states(sim: Simulator, traj: Trajectory, t, nodes, src_pos, prev_pos,
+                      nbr_idx: jax.Array, nbr_w: jax.Array, alpha: jax.Array) -> list[NodeState]:
+    """One source's re-run of ``r`` steps from local step ``t``, on its reach only.
+
+    Args:
+      sim: the re-run simulator (its loss form and optimizer).
+      traj: the recorded trajectory.
+      t: local step (may be traced).
+      nodes, src_pos, prev_pos: this source's rows of :class:`ReachTables` (``r + 1``,
+        ``r`` and ``r`` arrays; device arrays).
+      nbr_idx: ``[n, D]`` in-neighbour lists; ``nbr_w``: ``[r, n, D]`` their weights at the
+        steps ``t .. t+r-1``.
+      alpha: scalar gate of the source's update at step ``t`` (1 = the run, 0 = removed).
+
+    Returns:
+      ``r`` :class:`NodeState` s, the one after hop ``s`` with leaves ``[M_s, ...]`` on
+      ``nodes[s]`` (padded positions hold finite values of no meaning).
+    """
+    state = _take_nodes(traj.state_at(t), nodes[0])
+    out = []
+    for s in range(1, len(nodes)):
+        u = t + s - 1
+        prev, cur, size = nodes[s - 1], nodes[s], nodes[s - 1].shape[0]
+        batch = _take(tree_at(traj.batches, u), prev)
+        keys = sim.keys_for(state.key, state.step, prev)
+        half, opt, ms, _, _ = jax.vmap(sim.local_update)(
+            state.params, state.opt_state, state.model_state, batch, keys)
+        own = gates_at(traj, u, 1)
+        own = None if own is None else _take(tree_at(own, 0), prev)
+        if s == 1:
+            g = (Gate(alpha[None], alpha[None]) if own is None
+                 else Gate(own.update * alpha, own.state * alpha))
+        else:
+            g = as_gate(own)
+        if g is not None:
+            half = apply_gate(state.params, half, g.update)
+            opt = apply_gate(state.opt_state, opt, g.state)
+            if sim.stateful:
+                ms = apply_gate(state.model_state, ms, g.state)
+        nbr, w = _take(nbr_idx, cur), _take(nbr_w[s - 1], cur)
+        w = jnp.where((cur < nbr_idx.shape[0])[:, None], w, 0)
+        params = _gossip(half, tree_at(traj.half_params, u), src_pos[s - 1], nbr, w, size)
+        rec = _take_nodes(traj.state_at(t + s), cur)
+        opt = _pick(opt, rec.opt_state, prev_pos[s - 1], size)
+        if sim.stateful and sim.gossip_model_state:
+            ms = _gossip(ms, tree_at(traj.half_model_states, u), src_pos[s - 1], nbr, w, size)
+        elif sim.stateful:
+            ms = _pick(ms, rec.model_state, prev_pos[s - 1], size)
+        state = NodeState(params, opt, state.step + 1, ms, state.key)
+        out.append(state)
+    return out
+
+
+def weights_at(traj: Trajectory, nbrs: NeighbourList, t, hops: int) -> jax.Array:
+    """``[r, n, D]`` neighbour weights of the local steps ``t .. t+r-1`` (``t`` may be
+    traced)."""
+    w = jnp.asarray(nbrs.weights)
+    idx = (traj.start_step + t + jnp.arange(hops)) % w.shape[0]
+    return w[idx]
+
+
+__all__ = [
+    "HOST_CHUNK",
+    "REACH_MAX_FILL",
+    "NeighbourList",
+    "ReachTables",
+    "neighbour_list",
+    "reach_tables",
+    "restricted_states",
+    "step_phases",
+    "weights_at",
+]
