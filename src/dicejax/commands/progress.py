@@ -1,14 +1,22 @@
-"""Progress bars (with ETA) for the long sub-commands, and what Ctrl-C says.
+"""Progress bars (with ETA) for the long sub-commands, and what Ctrl-C does.
 
 A :class:`Tracker` is a context manager around one ``rich`` progress display with one bar
 per loop (training steps, scored steps, seeds × arms). It remembers how far each bar got, so
 that Ctrl-C ends the command with one line — ``interrupted at step N of M; rerun the same
 command to resume`` when the command checkpoints — instead of a traceback
 (:class:`Interrupted`, caught by :func:`dicejax.cli.main`).
+
+Ctrl-C is deferred to the next progress update, which the experiments send at safe points
+(after a chunk and its checkpoint, after a scored step, after a seed): the step the message
+names is saved, and no checkpoint write is cut off. A second Ctrl-C stops at once.
 """
 
 from __future__ import annotations
 
+import os
+import signal
+import sys
+import threading
 from typing import Any
 
 
@@ -52,13 +60,30 @@ class Tracker:
 
     def __enter__(self) -> Tracker:
         self._progress.__enter__()
+        self._stop = False
+        self._handler = None
+        if threading.current_thread() is threading.main_thread():
+            self._handler = signal.signal(signal.SIGINT, self._on_sigint)
         return self
 
     def __exit__(self, kind, value, tb) -> bool:
+        if self._handler is not None:
+            signal.signal(signal.SIGINT, self._handler)
         self._progress.__exit__(kind, value, tb)
         if kind is KeyboardInterrupt:
             raise Interrupted(self.interruption()) from None
         return False
+
+    def _on_sigint(self, signum, frame) -> None:
+        if self._stop:  # the second Ctrl-C: stop now (checkpoints are written atomically)
+            self._progress.stop()
+            sys.stderr.write(f"error: {self.interruption()} (stopped at once)\n")
+            sys.stderr.flush()
+            os._exit(130)
+        self._stop = True
+        sys.stderr.write("\nCtrl-C: stopping at the next progress update (press Ctrl-C again "
+                         "to stop at once)\n")
+        sys.stderr.flush()
 
     def bar(self, description: str, total: int, unit: str = "steps", completed: int = 0,
             noun: str = "step", ordinal: bool = False) -> Any:
@@ -83,6 +108,8 @@ class Tracker:
         fields = {} if info is None else {"info": info}
         self._progress.update(task, completed=completed, **fields)
         self._info[task][1] = completed
+        if getattr(self, "_stop", False):
+            raise KeyboardInterrupt
 
     def reset(self, task: Any, total: int | None = None, completed: int = 0) -> None:
         """Starts a bar again (e.g. the step bar of the next seed)."""
