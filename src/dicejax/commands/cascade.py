@@ -172,22 +172,25 @@ def cascade_figure(result: dict, matrix_path: str | None, path: Path) -> Path:
     gx, sx = axes[0]
     pos = nx.kamada_kawai_layout(graph)
     top = max(mag.max(), 1e-30)
-    size = lambda v: 60 + 840 * np.asarray(v) / top  # noqa: E731
+    size = lambda v: 160 + 900 * np.asarray(v) / top  # noqa: E731
     nx.draw_networkx_edges(graph, pos, ax=gx, alpha=0.3, arrows=True, arrowsize=7,
                            node_size=size(mag), connectionstyle="arc3,rad=0.08")
     nodes = nx.draw_networkx_nodes(graph, pos, ax=gx, node_size=size(mag), node_color=w,
                                    cmap="viridis", edgecolors="k", linewidths=0.5)
-    nx.draw_networkx_labels(graph, pos, ax=gx, font_size=7,
-                            font_color="w")
+    rgba = nodes.cmap(nodes.norm(w))
+    light = rgba[:, :3] @ np.array([0.299, 0.587, 0.114]) > 0.55  # dark text on light nodes
+    for j in range(w.size):
+        gx.text(*pos[j], str(j), ha="center", va="center", fontsize=7,
+                color="k" if light[j] else "w")
     fig.colorbar(nodes, ax=gx, label="out-going weight Σ_k W[k, j]", shrink=0.8)
     for v in (top / 4, top / 2, top):
         gx.scatter([], [], s=size(v), color="0.7", edgecolors="k", linewidths=0.5,
                    label=f"{v:.1e}")
-    gx.legend(title=f"node size: |network influence|\nat h = {r} (nats, DICE-GT)", fontsize=7,
+    gx.legend(title=f"node size: |network influence| at h = {r} (nats, DICE-GT)", fontsize=7,
               title_fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.01), ncol=3,
-              labelspacing=1.5, columnspacing=2.5, handletextpad=1.2, borderpad=1.0,
+              labelspacing=1.5, columnspacing=3.0, handletextpad=2.4, borderpad=1.8,
               frameon=False)
-    gx.set(title="the designed graph: node size = influence of the batch placed there")
+    gx.set(title="node size: influence of the batch placed there")
     gx.axis("off")
     amp = np.asarray(result["amplification"], np.float64)[-1]
     sx.scatter(w, amp, c=w, cmap="viridis", edgecolors="k", linewidths=0.5, s=36, zorder=3)

@@ -212,11 +212,13 @@ def contribution_table(result: dict) -> object:
                "helped). share = c_j / Σ|c| (signed); clipped = max(c_j, 0) / Σ max(c, 0). "
                "accuracy: the node's final test accuracy.")
     if has_factor:
-        caption += (" nbhd factor: neighbourhood factor Σ_k P[k, j] / Σ_k P[j, k], the "
-                    "proximal influence node j has on its out-neighbours over what it "
-                    "receives from its in-neighbours, summed over the run (a ratio, no unit; "
-                    "both sums are negative when helpful: > 1 means j gives more than it "
-                    "gets; — where j receives nothing, e.g. a free-rider's updates).")
+        caption += (" nbhd factor: the neighbourhood factor Σ_k P[k, j] / Σ_k P[j, k] of the "
+                    "proximal influence summed over the run: the loss change node j's "
+                    "updates cause at its out-neighbours over the change its in-neighbours' "
+                    "updates cause at j (a ratio, no unit). When both sums are negative "
+                    "(helpful), > 1 means j helps its neighbours more than they help it; a "
+                    "negative factor means one direction helps and the other harms; 0 for a "
+                    "free-rider (no updates of its own); — where j receives no influence.")
     t = report.table(
         "Contribution ledger — " + report.config_line(result.get("config")), caption=caption)
     cols = ["node", "role", "contribution (nats)", "share", "clipped", "accuracy"]
@@ -250,9 +252,13 @@ def contribution_figure(result: dict, path: Path) -> Path:
     shares = np.asarray(result["shares"], np.float64)
     bx.bar(np.arange(len(roles)), shares, color=[colours[r] for r in roles])
     bx.axhline(0, color="k", lw=0.8)
+    zero = [j for j, v in enumerate(shares) if v == 0]  # e.g. free-riders: mark the bar
+    bx.scatter(zero, np.zeros(len(zero)), marker="D", s=30, zorder=3,
+               color=[colours[roles[j]] for j in zero], edgecolors="k", linewidths=0.5)
     bx.set_xticks(np.arange(len(roles)))
     bx.tick_params(axis="x", labelsize=7 if len(roles) > 20 else 9)
-    bx.set(xlabel="node", ylabel="signed share c_j / Σ|c|", title="contribution shares")
+    bx.set(xlabel="node", ylabel=r"signed share $c_j / \sum_k |c_k|$",
+           title="contribution shares (diamond: exactly 0)" if zero else "contribution shares")
     present = [r for r in colours if r in roles]
     bx.legend(handles=[Patch(color=colours[r], label=labels[r]) for r in present], fontsize=8)
     cum = -np.cumsum(np.asarray(result["per_step"], np.float64), axis=0)
@@ -261,7 +267,7 @@ def contribution_figure(result: dict, path: Path) -> Path:
                 alpha=0.9 if role != "honest" else 0.4, lw=1.6 if role != "honest" else 1,
                 label=labels[role] if role not in roles[:j] else None)
     cx.axhline(0, color="k", lw=0.6)
-    cx.set(xlabel="step t", ylabel="cumulative contribution −Σ_{s≤t} A[s, j] (nats)",
+    cx.set(xlabel="step t", ylabel=r"cumulative contribution $-\sum_{s \leq t} A[s, j]$ (nats)",
            title="contribution over the run (one line per node)")
     cx.legend(fontsize=8)
     return report.save_figure(fig, path)

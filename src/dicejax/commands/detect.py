@@ -148,8 +148,10 @@ def roc_figure(result: dict, path: Path) -> Path:
     from dicejax import report
 
     seeds = result["seeds"]
-    title = (f"dicejax detect — {result['attack']}, last {result['window']} steps scored, "
-             f"{report.seeds_text(seeds)}\n"
+    extra = {"gaussian_noise": f" (std {result.get('std')})",
+             "label_flip": f" (to class {result.get('target')})"}.get(result["attack"], "")
+    title = (f"dicejax detect — {result['attack']}{extra}, last {result['window']} steps "
+             f"scored, {report.seeds_text(seeds)}\n"
              f"{report.config_line(result.get('config'), seeds=seeds)}")
     fig, axes = report.figure(1, 2, 11.5, 4.8, title)
     ax, hx = axes[0]

@@ -218,18 +218,26 @@ def curves_figure(result: dict, path: Path) -> Path:
     rows = result["topologies"]
     styles = ["-", "--", "-.", ":", (0, (5, 1)), (0, (3, 1, 1, 1))]
     shown = [(name, row) for name, row in rows.items() if not row.get("same_as")]
+    base = rows.get("uniform")  # the learned graph's starting point: differences are readable
+    ref = None if base is None else np.asarray(base["curves"]["test_loss"], np.float64)
     for i, (name, row) in enumerate(shown):
         c = row["curves"]
         label = _label(name, row, rows)
         train = np.asarray(c["train_loss"], np.float64)
         tx.plot(np.arange(train.size), train, label=label, lw=1.2, color=f"C{i}",
                 ls=styles[i % len(styles)])
-        vx.plot(np.asarray(c["eval_step"]), np.asarray(c["test_loss"]), label=label,
+        test = np.asarray(c["test_loss"], np.float64)
+        vx.plot(np.asarray(c["eval_step"]), test if ref is None else test - ref, label=label,
                 marker=".", color=f"C{i}", ls=styles[i % len(styles)])
     tx.set(xlabel="step", ylabel="train loss (nats, mean over nodes and seeds)", yscale="log",
            title="train loss")
-    vx.set(xlabel="step", ylabel="test loss (nats, mean over nodes and seeds)", yscale="log",
-           title="held-out test loss")
+    if ref is None:
+        vx.set(xlabel="step", ylabel="test loss (nats, mean over nodes and seeds)",
+               yscale="log", title="held-out test loss")
+    else:
+        vx.axhline(0, color="k", lw=0.6)
+        vx.set(xlabel="step", ylabel="test loss − uniform's (nats, mean over nodes and seeds)",
+               title="held-out test loss, relative to uniform weights")
     vx.legend(fontsize=8)
     for i, h in enumerate(result["learned"]["history"]):
         ox.plot(np.arange(1, len(h) + 1), np.asarray(h, np.float64),

@@ -27,13 +27,23 @@ def register(subparsers, run_args: Callable[..., object],
     p.set_defaults(fn=lambda a: run(a, make_config))
 
 
-def resume_point(directory: str | None, steps: int) -> int:
-    """The step a checkpointed run resumes from (0 without a checkpoint)."""
+def resume_point(directory: str | None, config: object) -> int:
+    """The step a checkpointed run of ``config`` resumes from (0 without a checkpoint of it;
+    a folder holding another run is refused later, by the run itself)."""
     if directory is None or not Path(directory).is_dir():
         return 0
+    import dataclasses
+    import json
+
     from dicejax.checkpoint import latest_step
 
-    return min(latest_step(directory) or 0, steps)
+    try:
+        stored = json.loads((Path(directory) / "run.json").read_text()).get("config")
+    except (OSError, ValueError):
+        return 0
+    if stored != json.loads(json.dumps(dataclasses.asdict(config))):
+        return 0
+    return min(latest_step(directory) or 0, config.steps)
 
 
 def run(a: argparse.Namespace, make_config: Callable[[argparse.Namespace], object]) -> int:
@@ -44,7 +54,7 @@ def run(a: argparse.Namespace, make_config: Callable[[argparse.Namespace], objec
     from dicejax.commands.progress import Tracker
     from dicejax.experiments.train import train
 
-    start = resume_point(a.checkpoint_dir, config.steps)
+    start = resume_point(a.checkpoint_dir, config)
     if start >= config.steps:
         report.console.print(f"{a.checkpoint_dir} holds the finished run ({config.steps} of "
                              f"{config.steps} steps): reporting it, nothing to train")

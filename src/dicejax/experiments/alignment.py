@@ -87,11 +87,13 @@ def alignment(config: RunConfig, *, hops: int = 3, num_steps: int = 20,
     runner = Runner(setup, chunk_steps=chunk_steps,
                     checkpoint_dir=None if store is None else store.subfolder("train"),
                     callback=lambda state, done: say("train", done, config.steps))
-    pieces, seconds, resumed = [], 0.0, 0
+    pieces, seconds, train_seconds, resumed = [], 0.0, 0.0, 0
     for i, t in enumerate(int(t) for t in steps):
         piece = None if store is None else store.get(f"score_{t}")
         if piece is None:
+            tic = time.perf_counter()
             runner.advance(t)
+            train_seconds += time.perf_counter() - tic
             tic = time.perf_counter()
             piece = _score_step(loss, runner.window(t + hops), probe, hops, batch_size)
             seconds += time.perf_counter() - tic
@@ -103,7 +105,7 @@ def alignment(config: RunConfig, *, hops: int = 3, num_steps: int = 20,
         say("score", i + 1, len(steps))
     tic = time.perf_counter()
     runner.advance(config.steps)
-    train_seconds = time.perf_counter() - tic
+    train_seconds += time.perf_counter() - tic  # the unrecorded training, windows excluded
     summary = training_summary(setup, runner.state.params, runner.metrics(), train_seconds)
     # [R, S, n]
     scores = {k: np.stack([p["shells"][k] for p in pieces], axis=1) for k in pieces[0]["shells"]}
