@@ -12,7 +12,7 @@ import pytest
 from dicejax.cli import main
 from dicejax.experiments.common import ResultStore
 
-TINY = ["--nodes", "6", "--batch", "8", "--eval-every", "0", "--probe-size", "16",
+TINY = ["--nodes", "4", "--batch", "8", "--eval-every", "0", "--probe-size", "16",
         "--test-size", "48"]
 
 
@@ -45,12 +45,19 @@ def test_result_store_refuses_another_experiment_and_ignores_damage(tmp_path):
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
 
 
-def test_detect_resumes_with_the_next_seed(tmp_path, capsys):
+def test_detect_single_seed_then_resumes_with_the_next_seed(tmp_path, capsys):
     out, ck = tmp_path / "out", tmp_path / "ck"
-    argv = ["detect", *TINY, "--steps", "10", "--window", "4", "--seeds", "2",
+    argv = ["detect", *TINY, "--steps", "10", "--window", "4", "--seeds", "1",
             "--out", str(out), "--checkpoint-dir", str(ck)]
     assert main(argv) == 0
+    printed = " ".join(capsys.readouterr().out.split())
+    report = printed[printed.index("Anomaly detection:"):]  # the table and the summary
+    assert "±" not in report and "1 seeds" not in report and " std " not in report
+    assert "seed 0" in report and "time (s)" in report and "wall seconds" in report
+    argv[argv.index("--seeds") + 1] = "2"
+    assert main(argv) == 0  # seed 0 comes from the folder
     first = load(out / "detect.json")
+    assert [r["seed"] for r in first["per_seed"]] == [0, 1]
     (ck / "seed_1.pkl").unlink()  # as if stopped during the second seed
     assert main(argv) == 0
     assert drop_times(load(out / "detect.json")) == drop_times(first)
@@ -58,7 +65,7 @@ def test_detect_resumes_with_the_next_seed(tmp_path, capsys):
 
 def test_contribute_resumes_after_training(tmp_path):
     out, ck = tmp_path / "out", tmp_path / "ck"
-    argv = ["contribute", *TINY, "--steps", "6", "--permuted", "1", "--free-riders", "2",
+    argv = ["contribute", *TINY, "--steps", "4", "--permuted", "1", "--free-riders", "2",
             "--no-proximal",
             "--out", str(out), "--checkpoint-dir", str(ck)]
     assert main(argv) == 0

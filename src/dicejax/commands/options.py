@@ -212,11 +212,11 @@ def name_list(choices: Sequence[str]) -> Callable[[str], list[str]]:
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
     """Shows ``(default: X)`` after every option's help, except where there is no default
-    value to show (None, a flag's False), in which case the help text says what happens."""
+    value to show (None, a flag's False) or the help states it itself ``(default: ...)``."""
 
     def _get_help_string(self, action):
         if action.default is None or action.default is False \
-                or action.default is argparse.SUPPRESS:
+                or action.default is argparse.SUPPRESS or "(default" in (action.help or ""):
             return action.help
         return super()._get_help_string(action)
 
