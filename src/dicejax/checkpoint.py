@@ -817,12 +817,15 @@ def run_setup(
     Runs exactly what :func:`dicejax.experiments.train.train` runs (same batches, topology,
     optimizer and periodic evaluation), with the run's :class:`RunConfig`
     as the checkpoint's ``config``. A second call with the same directory
-    resumes.
+    resumes. The batches come from ``setup.source``, generated chunk by chunk (memory does
+    not grow with ``T``); the checkpoint's ``run.json`` digests the data set and the stream's
+    seed, not the batches, so nothing is hashed up front.
 
     Args:
       setup: from :func:`dicejax.experiments.common.build`.
       directory: checkpoint directory (e.g. ``dicejax train --checkpoint-dir``).
-      chunk_steps: steps per chunk (default ``max(1, steps // 20)``, the CLI's progress rate).
+      chunk_steps: steps per chunk (default ``setup.chunk_steps``: a twentieth of the run,
+        at most 64 MiB of batches).
       every_chunks, record, callback: as in :func:`run_checkpointed`.
 
     Returns:
@@ -831,8 +834,8 @@ def run_setup(
     config = setup.config
     settings = dataclasses.asdict(config) if dataclasses.is_dataclass(config) else dict(config)
     return run_checkpointed(
-        setup.loss_fn, setup.params, setup.batches, setup.topology, setup.optimizer,
-        directory=directory, chunk_steps=chunk_steps or max(1, config.steps // 20),
+        setup.loss_fn, setup.params, setup.source, setup.topology, setup.optimizer,
+        directory=directory, chunk_steps=chunk_steps or setup.chunk_steps,
         steps=config.steps, every_chunks=every_chunks, record=record, config=settings,
         eval_batch=setup.test, eval_fn=setup.eval_fn if config.eval_every else None,
         eval_every=config.eval_every, callback=callback)

@@ -6,7 +6,8 @@ loaders, of the files they read).
 
 * Datasets: :func:`load_digits` (scikit-learn's bundled 8x8 digits), :func:`load_mnist`,
   :func:`load_fashion_mnist` (IDX files, optionally gzipped), :func:`load_cifar10` (the
-  python pickle batches), dispatched by :func:`load_dataset`. Images come back as
+  python pickle batches), :func:`load_npz` (your own arrays in one ``.npz`` file), dispatched
+  by :func:`load_dataset`. Images come back as
   ``[N, H, W, C]`` float32, normalised per channel with statistics of the train split.
 * Partitions: :func:`partition_iid`, :func:`partition_dirichlet`, :func:`partition_shards`
   (dispatched by :func:`partition`) return one int64 index array into the train set per node.
@@ -31,6 +32,7 @@ import numpy as np
 
 __all__ = [
     "FASHION_MNIST_DIR",
+    "NPZ_PREFIX",
     "Dataset",
     "Stream",
     "batch_chunks",
@@ -41,6 +43,7 @@ __all__ = [
     "load_digits",
     "load_fashion_mnist",
     "load_mnist",
+    "load_npz",
     "node_batches",
     "partition",
     "partition_dirichlet",
@@ -445,6 +448,129 @@ def load_cifar10(path: PathLike) -> Dataset:
 
 
 # --------------------------------------------------------------------------------------------
+# Your own arrays (.npz)
+# --------------------------------------------------------------------------------------------
+
+#: The ``name`` prefix of :func:`load_dataset` that selects :func:`load_npz`.
+NPZ_PREFIX = "npz:"
+
+
+def _npz_images(x: np.ndarray, what: str, path: Path) -> np.ndarray:
+    """``[N, H, W, C]`` from ``[N, H, W, C]``, ``[N, H, W]`` (one channel) or ``[N, D]``."""
+    if x.ndim == 2:  # feature vectors: D channels of a 1x1 "image" (normalised per feature)
+        return x[:, None, None, :]
+    if x.ndim == 3:
+        return x[..., None]
+    if x.ndim == 4:
+        return x
+    raise ValueError(
+        f"npz: {str(path)!r}: {what} must be [N, D], [N, H, W] or [N, H, W, C], "
+        f"got shape {x.shape}"
+    )
+
+
+def load_npz(path: PathLike, test_fraction: float = 0.25, seed: int = 0) -> Dataset:
+    """Your own classification data from one ``.npz`` file (``numpy.savez``).
+
+    Arrays the file holds:
+
+    * ``x`` — train inputs ``[N, H, W, C]``, ``[N, H, W]`` (grey images: one channel is
+      added) or ``[N, D]`` (feature vectors, stored as ``[N, 1, 1, D]``: every feature is
+      normalised on its own); any real dtype;
+    * ``y`` — train labels ``[N]``, integers in ``[0, C)``;
+    * optionally ``x_test`` and ``y_test`` (both or neither), the same layout; without them
+      a stratified ``test_fraction`` of ``x`` is held out (seeded by ``seed``);
+    * optionally ``num_classes``, a scalar (default: the largest label + 1).
+
+    Args:
+        path: the ``.npz`` file.
+        test_fraction: held-out fraction of each class when the file has no test split.
+        seed: seed of that split.
+
+    Returns:
+        The :class:`Dataset` (``name`` ``'npz:<file name>'``), inputs normalised per channel
+        with train statistics like every other loader.
+
+    Raises:
+        FileNotFoundError: if ``path`` does not exist.
+        ValueError: naming the array, for a missing or malformed array or an unreadable file.
+    """
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise FileNotFoundError(f"npz: no such file {str(path)!r}")
+    try:
+        with np.load(path, allow_pickle=False) as f:
+            arrays = {k: np.asarray(f[k]) for k in f.files}
+    except (OSError, ValueError, EOFError) as err:
+        raise ValueError(f"npz: cannot read {str(path)!r} as a .npz file: {err}") from err
+    found = sorted(arrays)
+    for key in ("x", "y"):
+        if key not in arrays:
+            raise ValueError(
+                f"npz: {str(path)!r} has no array {key!r} (it holds {found}); save the train "
+                "inputs as x [N, ...] and the labels as y [N]"
+            )
+    if ("x_test" in arrays) != ("y_test" in arrays):
+        raise ValueError(
+            f"npz: {str(path)!r} must hold both x_test and y_test or neither (it holds {found})"
+        )
+    splits = {}
+    for split, xk, yk in (("train", "x", "y"), ("test", "x_test", "y_test")):
+        if xk not in arrays:
+            continue
+        x, y = arrays[xk], arrays[yk]
+        if not (np.issubdtype(x.dtype, np.floating) or np.issubdtype(x.dtype, np.integer)):
+            raise ValueError(f"npz: {str(path)!r}: {xk} must hold numbers, got dtype {x.dtype}")
+        if y.ndim != 1 or not np.issubdtype(y.dtype, np.integer):
+            raise ValueError(
+                f"npz: {str(path)!r}: {yk} must be integer labels [N], got shape {y.shape} of "
+                f"{y.dtype}"
+            )
+        if x.shape[:1] != y.shape:
+            raise ValueError(
+                f"npz: {str(path)!r}: {xk} has {x.shape[0] if x.ndim else 0} rows but {yk} "
+                f"has {y.shape[0]} labels"
+            )
+        if y.size == 0:
+            raise ValueError(f"npz: {str(path)!r}: {yk} is empty")
+        if y.min() < 0:
+            raise ValueError(f"npz: {str(path)!r}: {yk} holds negative labels")
+        splits[split] = (_npz_images(x, xk, path), y.astype(np.int64))
+    labels = [s[1] for s in splits.values()]
+    if "num_classes" in arrays:
+        nc = arrays["num_classes"]
+        if nc.shape != () or not np.issubdtype(nc.dtype, np.integer) or int(nc) < 1:
+            raise ValueError(
+                f"npz: {str(path)!r}: num_classes must be a positive integer scalar, got {nc!r}"
+            )
+        num_classes = int(nc)
+    else:
+        num_classes = int(max(int(y.max()) for y in labels)) + 1
+    x_train, y_train = splits["train"]
+    if "test" in splits:
+        x_test, y_test = splits["test"]
+    else:
+        if not 0.0 < float(test_fraction) < 1.0:
+            raise ValueError(f"test_fraction must lie in (0, 1), got {test_fraction}")
+        rng = np.random.default_rng(seed)
+        train_idx, test_idx = [], []
+        for c in np.unique(y_train):
+            members = rng.permutation(np.flatnonzero(y_train == c))
+            n_test = min(round(float(test_fraction) * members.size), members.size - 1)
+            test_idx.append(members[:n_test])
+            train_idx.append(members[n_test:])
+        tr = rng.permutation(np.concatenate(train_idx))
+        te = rng.permutation(np.concatenate(test_idx))
+        if te.size == 0:
+            raise ValueError(
+                f"npz: {str(path)!r}: too few examples to hold out a test split; add x_test "
+                "and y_test"
+            )
+        x_train, y_train, x_test, y_test = x_train[tr], y_train[tr], x_train[te], y_train[te]
+    return _make_dataset(x_train, y_train, x_test, y_test, num_classes, f"npz:{path.name}")
+
+
+# --------------------------------------------------------------------------------------------
 # Dispatch
 # --------------------------------------------------------------------------------------------
 
@@ -463,7 +589,8 @@ def load_dataset(name: str, path: PathLike | None = None) -> Dataset:
 
     Args:
         name: ``'digits'``, ``'fashion_mnist'`` (or ``'fashion-mnist'``), ``'mnist'`` or
-            ``'cifar10'`` (case-insensitive; ``-`` and ``_`` are interchangeable).
+            ``'cifar10'`` (case-insensitive; ``-`` and ``_`` are interchangeable), or
+            ``'npz:PATH'`` for your own arrays (:func:`load_npz`).
         path: where the files are. Ignored for ``'digits'`` (bundled with scikit-learn);
             optional for ``'fashion_mnist'`` (default :data:`FASHION_MNIST_DIR`); required for
             ``'mnist'`` and ``'cifar10'``.
@@ -471,11 +598,13 @@ def load_dataset(name: str, path: PathLike | None = None) -> Dataset:
     Returns:
         The :class:`Dataset`.
     """
+    if str(name).startswith(NPZ_PREFIX):
+        return load_npz(str(name)[len(NPZ_PREFIX) :])
     key = _DATASET_ALIASES.get(str(name).strip().lower().replace("-", "_"))
     if key is None:
         raise ValueError(
             f"name: unknown dataset {name!r}; choose one of 'digits', 'fashion_mnist', "
-            "'mnist', 'cifar10'"
+            "'mnist', 'cifar10', or 'npz:PATH' for your own arrays"
         )
     if key == "digits":
         return load_digits()

@@ -36,6 +36,7 @@ __all__ = [
     "flops_per_example",
     "get_model",
     "init_params",
+    "load_model_factory",
     "make_accuracy_fn",
     "make_eval_fn",
     "make_loss_fn",
@@ -225,10 +226,11 @@ def get_model(name: str, num_classes: int, **kwargs: Any) -> nn.Module:
     """Builds a model by name.
 
     Args:
-        name: ``'mlp'``, ``'cnn'`` or ``'resnet18'`` (case-insensitive).
+        name: ``'mlp'``, ``'cnn'`` or ``'resnet18'`` (case-insensitive), or your own model
+            as ``'module:callable'`` (see :func:`load_model_factory`).
         num_classes: number of output logits.
         **kwargs: further fields of the model class, e.g. ``hidden=(256, 128)`` for the MLP or
-            ``width=8`` for ResNet-18.
+            ``width=8`` for ResNet-18 (not for ``'module:callable'``).
 
     Returns:
         An unbound flax module mapping ``[B, H, W, C]`` to logits ``[B, num_classes]``.
@@ -237,8 +239,23 @@ def get_model(name: str, num_classes: int, **kwargs: Any) -> nn.Module:
         ValueError: if ``name`` is unknown, ``num_classes`` is not a positive integer, or a
             keyword is not a field of the model.
     """
+    if isinstance(name, str) and ":" in name:
+        _check_positive_int(num_classes, "num_classes")
+        if kwargs:
+            raise ValueError(f"keywords {sorted(kwargs)} are not passed to a model {name!r}")
+        factory = load_model_factory(name)
+        try:
+            model = factory(int(num_classes))
+        except Exception as err:
+            raise ValueError(f"name: {name}({int(num_classes)}) raised "
+                             f"{type(err).__name__}: {err}") from err
+        if not isinstance(model, nn.Module):
+            raise ValueError(f"name: {name}({int(num_classes)}) must return a flax Module, got "
+                             f"{type(model).__name__}")
+        return model
     if not isinstance(name, str) or name.lower() not in _MODELS:
-        raise ValueError(f"name must be one of {sorted(_MODELS)}, got {name!r}")
+        raise ValueError(f"name must be one of {sorted(_MODELS)} or 'module:callable', "
+                         f"got {name!r}")
     _check_positive_int(num_classes, "num_classes")
     cls = _MODELS[name.lower()]
     fields = {"hidden", "width"} & {f for f in cls.__dataclass_fields__}
@@ -255,6 +272,48 @@ def get_model(name: str, num_classes: int, **kwargs: Any) -> nn.Module:
     if "width" in kwargs:
         _check_positive_int(kwargs["width"], "width")
     return cls(num_classes=int(num_classes), **kwargs)
+
+
+def load_model_factory(spec: str) -> Callable[[int], nn.Module]:
+    """The callable named by ``'module:callable'`` or ``'path/to/file.py:callable'``.
+
+    The callable takes the number of classes and returns an unbound flax module mapping
+    ``[B, H, W, C]`` to logits ``[B, num_classes]``, e.g. ``def wide_mlp(num_classes):
+    return MLP(num_classes, hidden=(512, 256))``. A dotted module is imported as usual
+    (it must be on ``sys.path``, e.g. via ``PYTHONPATH``); a ``.py`` path is loaded from
+    that file.
+
+    Raises:
+        ValueError: if ``spec`` is malformed, the module cannot be imported, or it has no such
+            callable.
+    """
+    import importlib
+    import importlib.util
+    from pathlib import Path
+
+    module_name, _, attr = str(spec).rpartition(":")
+    if not module_name or not attr.isidentifier():
+        raise ValueError(f"name: expected 'module:callable' or 'file.py:callable', got {spec!r}")
+    try:
+        if module_name.endswith(".py"):
+            path = Path(module_name).expanduser()
+            if not path.is_file():
+                raise ValueError(f"name: no such file {str(path)!r} (from {spec!r})")
+            loader_spec = importlib.util.spec_from_file_location(f"_dicejax_user_{path.stem}",
+                                                                 path)
+            module = importlib.util.module_from_spec(loader_spec)
+            loader_spec.loader.exec_module(module)
+        else:
+            module = importlib.import_module(module_name)
+    except ValueError:
+        raise
+    except Exception as err:
+        raise ValueError(f"name: cannot import {module_name!r} (from {spec!r}): "
+                         f"{type(err).__name__}: {err}") from err
+    factory = getattr(module, attr, None)
+    if not callable(factory):
+        raise ValueError(f"name: {module_name!r} has no callable {attr!r}")
+    return factory
 
 
 # --------------------------------------------------------------------------------------------

@@ -9,45 +9,35 @@ shares than the honest nodes.
 from __future__ import annotations
 
 import argparse
-import dataclasses
-import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-import matplotlib
+from dicejax.commands import add_command, metadata, options, prepare, save_results
 
-matplotlib.use("Agg")
-import jax
-import matplotlib.pyplot as plt
-import numpy as np
-from rich.table import Table
-
-from dicejax import attacks, report
-from dicejax.apps.contribution import contributions
-from dicejax.commands import save_results
-from dicejax.experiments.common import RunConfig, build
-from dicejax.simulate import evaluate_nodes, final_state, simulate
+#: Kept for callers of the first CLI.
+_nodes = options.node_ids
 
 
-def _nodes(text: str) -> list[int]:
-    try:
-        return [int(t) for t in text.split(",") if t.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected node ids like 3,17, got {text!r}") from None
-
-
-def contribution_run(config: RunConfig, permuted: Sequence[int] = (),
+def contribution_run(config: Any, permuted: Sequence[int] = (),
                      free_riders: Sequence[int] = (), proximal: bool = True,
-                     dtype: Any = None) -> dict[str, Any]:
+                     dtype: Any = None, *,
+                     progress: Callable[[str, int, int], None] | None = None,
+                     checkpoint_dir: str | Path | None = None) -> dict[str, Any]:
     """Trains with corrupted nodes and computes every node's contribution.
 
     Args:
-      config: the run (the whole trajectory is recorded: keep ``steps`` modest).
+      config: the run (a ``RunConfig``; the whole trajectory is recorded — memory grows with
+        ``steps``: keep it modest).
       permuted: nodes whose labels are permuted within every batch.
       free_riders: nodes whose local updates are gated to zero.
       proximal: also compute the reciprocity summaries.
       dtype: optional float dtype.
+      progress: ``progress(phase, done, total)``: ``("train", steps done, T)`` after each
+        chunk, ``("attribute", 0 or 1, 1)`` around the reverse pass.
+      checkpoint_dir: keep the finished training trajectory and the result there; a second
+        call with the same folder skips what is stored (training is one stage: a run
+        interrupted during training trains again).
 
     Returns:
       A dict: ``roles`` ``[n]`` (``honest`` | ``permuted`` | ``free_rider``), ``contribution``,
@@ -56,21 +46,57 @@ def contribution_run(config: RunConfig, permuted: Sequence[int] = (),
       ``honest_min_share``, ``permuted_shares``, ``free_rider_shares``;
       ``accuracy`` ``[n]``; ``wall_seconds``.
     """
+    import dataclasses
+    import time
+
+    import jax
+    import numpy as np
+
+    from dicejax import attacks
+    from dicejax.apps.contribution import contributions
+    from dicejax.experiments.anomaly import AttackedSource
+    from dicejax.experiments.common import ResultStore, build
+    from dicejax.simulate import evaluate_nodes, final_state, simulate
+
     tic = time.perf_counter()
-    setup = build(config, dtype)
     T, n = config.steps, config.nodes
     permuted, free_riders = list(permuted), list(free_riders)
     if set(permuted) & set(free_riders):
         raise ValueError("permuted and free_riders: a node cannot be both")
-    batches = setup.batches
-    if permuted:
-        mask = attacks.attack_mask(T, n, permuted)
-        batches = jax.jit(attacks.label_permutation())(batches, mask,
-                                                       jax.random.PRNGKey(config.seed))
+    say = progress or (lambda phase, done, total: None)
+    store = None
+    if checkpoint_dir is not None:
+        store = ResultStore(checkpoint_dir, {
+            "experiment": "contribution", "config": dataclasses.asdict(config),
+            "permuted": permuted, "free_riders": free_riders, "proximal": proximal,
+            "dtype": None if dtype is None else np.dtype(dtype).name})
+        done = store.get("result")
+        if done is not None:
+            say("train", T, T)
+            say("attribute", 1, 1)
+            return done
+    setup = build(config, dtype)
+    source = setup.source
+    if permuted:  # the same draws as corrupting the whole run at once
+        draws = np.asarray(jax.random.uniform(jax.random.PRNGKey(config.seed),
+                                              (T, n, config.batch)))
+        source = AttackedSource(source, "label_permutation", tuple(permuted), config.seed,
+                                draws=draws)
     dt = jax.tree.leaves(setup.params)[0].dtype
     scale = attacks.free_rider(T, n, free_riders, dtype=dt) if free_riders else None
-    traj = simulate(setup.loss_fn, setup.params, batches, setup.topology, setup.optimizer,
-                    record=True, update_scale=scale)
+    traj = None if store is None else store.get("trajectory")
+    if traj is not None:
+        traj = traj.replace(optimizer=setup.optimizer)
+        say("train", T, T)
+    else:
+        chunk = setup.chunk_steps
+        traj = simulate(setup.loss_fn, setup.params,
+                        (source(lo, min(lo + chunk, T)) for lo in range(0, T, chunk)),
+                        setup.topology, setup.optimizer, record=True, update_scale=scale,
+                        callback=lambda state, d: say("train", d, T))
+        if store is not None:
+            store.put("trajectory", traj.replace(optimizer=None))
+    say("attribute", 0, 1)
     led = contributions(setup.loss_fn, traj, setup.probe, proximal=proximal)
     roles = ["honest"] * n
     for j in permuted:
@@ -100,73 +126,148 @@ def contribution_run(config: RunConfig, permuted: Sequence[int] = (),
         result["given"] = np.asarray(led.reciprocity.given, np.float64)
         result["received"] = np.asarray(led.reciprocity.received, np.float64)
     result["wall_seconds"] = time.perf_counter() - tic
+    say("attribute", 1, 1)
+    if store is not None:
+        store.put("result", result)
     return result
 
 
-def register(subparsers, run_args: Callable[[argparse.ArgumentParser], None],
-             make_config: Callable[[argparse.Namespace], RunConfig]) -> None:
+def register(subparsers, run_args: Callable[..., object],
+             make_config: Callable[[argparse.Namespace], object]) -> None:
     """Adds ``dicejax contribute`` to the CLI's sub-parsers."""
-    p = subparsers.add_parser(
-        "contribute", help="per-node contribution shares (label-permuted and free-riding nodes)")
-    run_args(p)
-    p.add_argument("--permuted", type=_nodes, default=[3],
-                   help="nodes with label-permuted batches, e.g. 3 or 3,7 (default 3)")
-    p.add_argument("--free-riders", type=_nodes, default=[5],
-                   help="free-riding nodes (update scale 0), e.g. 5 (default 5)")
-    p.add_argument("--no-proximal", action="store_true",
-                   help="skip the proximal-influence reciprocity summaries")
-    p.set_defaults(fn=lambda a: _run(a, make_config))
+    p = add_command(
+        subparsers, "contribute",
+        help="per-node contribution shares (label-permuted and free-riding nodes)",
+        description="Train with some label-permuted and some free-riding nodes (recording the "
+                    "run), then give every node its contribution: minus its summed "
+                    "full-trajectory attribution (one reverse pass), normalised to shares. "
+                    "Writes contribute.json and contribute.png.")
+    out = run_args(p)
+    options.add_checkpoint_arg(out if out is not None else p,
+                               "the finished training run, then the result")
+    g = p.add_argument_group("corrupted nodes")
+    g.add_argument("--permuted", type=options.node_ids, default=[3], metavar="IDS",
+                   help="nodes with label-permuted batches, e.g. 3 or 3,7 ('' for none) "
+                        "(default: 3)")
+    g.add_argument("--free-riders", type=options.node_ids, default=[5], metavar="IDS",
+                   help="free-riding nodes (update scale 0: they only relay), e.g. 5 ('' for "
+                        "none) (default: 5)")
+    g.add_argument("--no-proximal", action="store_true",
+                   help="skip the proximal-influence reciprocity summaries (given, received, "
+                        "neighbourhood factor)")
+    p.set_defaults(fn=lambda a: run(a, make_config))
 
 
-def _run(a: argparse.Namespace, make_config: Callable[[argparse.Namespace], RunConfig]) -> int:
+def check(a: argparse.Namespace) -> None:
+    """Corrupted nodes within ``[0, nodes)``, no node both, at least one honest node."""
+    options.check_nodes(a.permuted, a.nodes, "--permuted")
+    options.check_nodes(a.free_riders, a.nodes, "--free-riders")
+    both = sorted(set(a.permuted) & set(a.free_riders))
+    if both:
+        raise options.UsageError(f"--free-riders: node(s) {both} are also in --permuted; a node "
+                                 "cannot be both")
+    if len(set(a.permuted) | set(a.free_riders)) >= a.nodes:
+        raise options.UsageError("--permuted, --free-riders: at least one node must be honest")
+
+
+def run(a: argparse.Namespace, make_config: Callable[[argparse.Namespace], object]) -> int:
+    """The command's handler."""
+    out = prepare(a, [check])
     config = make_config(a)
-    out = Path(a.out)
-    with report.console.status("training and attributing ..."):
-        result = contribution_run(config, a.permuted, a.free_riders, not a.no_proximal)
+    from dicejax import report
+    from dicejax.commands.progress import Tracker
+
+    with Tracker(report.console, resumable=a.checkpoint_dir is not None) as t:
+        bars = {"train": t.bar("training (recorded)", config.steps, "steps"),
+                "attribute": t.bar("attribution (one reverse pass)", 1, "passes",
+                                   noun="pass")}
+        result = contribution_run(config, a.permuted, a.free_riders, not a.no_proximal,
+                                  progress=lambda phase, done, total: t.update(bars[phase],
+                                                                               done),
+                                  checkpoint_dir=a.checkpoint_dir)
     report.console.print(contribution_table(result))
     report.console.print(
         f"honest share mean {result['honest_mean_share']:.4f} (min "
         f"{result['honest_min_share']:.4f}); permuted {_fmt(result['permuted_shares'])}; "
         f"free-riders {_fmt(result['free_rider_shares'])}; {result['wall_seconds']:.1f} s")
-    return save_results(out, "contribute", result, {"contribute.png": contribution_figure})
+    return save_results(out, "contribute", result, {"contribute.png": contribution_figure},
+                        metadata(a))
 
 
 def _fmt(values) -> str:
+    import numpy as np
+
     return "[" + ", ".join(f"{v:.4f}" for v in np.asarray(values).ravel()) + "]"
 
 
-def contribution_table(result: dict) -> Table:
+def contribution_table(result: dict) -> object:
     """One row per node: role, contribution, signed and clipped shares, reciprocity."""
-    table = Table(title="Contribution ledger (contribution = −Σ_t influence; > 0 helpful)")
-    cols = ["node", "role", "contribution", "share", "clipped", "accuracy"]
+    import numpy as np
+
+    from dicejax import report
+
     has_factor = "neighbourhood_factor" in result
+    caption = ("contribution c_j = −Σ_t A[t, j]: minus node j's first-order effect on the "
+               "final weighted probe loss, summed over its local updates (nats; > 0: it "
+               "helped). share = c_j / Σ|c| (signed); clipped = max(c_j, 0) / Σ max(c, 0). "
+               "accuracy: the node's final test accuracy.")
+    if has_factor:
+        caption += (" nbhd factor: the neighbourhood factor Σ_k P[k, j] / Σ_k P[j, k] of the "
+                    "proximal influence summed over the run: the loss change node j's "
+                    "updates cause at its out-neighbours over the change its in-neighbours' "
+                    "updates cause at j (a ratio, no unit). When both sums are negative "
+                    "(helpful), > 1 means j helps its neighbours more than they help it; a "
+                    "negative factor means one direction helps and the other harms; 0 for a "
+                    "free-rider (no updates of its own); — where j receives no influence.")
+    t = report.table(
+        "Contribution ledger — " + report.config_line(result.get("config")), caption=caption)
+    cols = ["node", "role", "contribution (nats)", "share", "clipped", "accuracy"]
     if has_factor:
         cols.append("nbhd factor")
     for name in cols:
-        table.add_column(name, justify="right")
+        t.add_column(name, justify="right")
     for j, role in enumerate(result["roles"]):
         row = [str(j), role, f"{result['contribution'][j]:.3e}", f"{result['shares'][j]:.4f}",
                f"{result['clipped_shares'][j]:.4f}", f"{result['accuracy'][j]:.4f}"]
         if has_factor:
-            row.append(f"{result['neighbourhood_factor'][j]:.3f}")
-        table.add_row(*row)
-    table.caption = "share = c / Σ|c| (signed); clipped = max(c, 0) / Σ max(c, 0)"
-    return table
+            f = result["neighbourhood_factor"][j]
+            row.append("—" if f is None or not np.isfinite(f) else f"{f:.3f}")
+        t.add_row(*row)
+    return t
 
 
 def contribution_figure(result: dict, path: Path) -> Path:
     """Signed shares per node coloured by role, and the cumulative contribution over steps."""
+    import numpy as np
+    from matplotlib.patches import Patch
+
+    from dicejax import report
+
     colours = {"honest": "tab:blue", "permuted": "tab:red", "free_rider": "tab:orange"}
+    labels = {"honest": "honest", "permuted": "label-permuted", "free_rider": "free-rider"}
     roles = result["roles"]
-    fig, (bx, cx) = plt.subplots(1, 2, figsize=(11, 4))
-    shares = np.asarray(result["shares"])
+    fig, axes = report.figure(1, 2, 12, 4.6, "dicejax contribute — "
+                              + report.config_line(result.get("config")))
+    bx, cx = axes[0]
+    shares = np.asarray(result["shares"], np.float64)
     bx.bar(np.arange(len(roles)), shares, color=[colours[r] for r in roles])
     bx.axhline(0, color="k", lw=0.8)
-    bx.set(xlabel="node", ylabel="signed share c_j / Σ|c|", title="contribution shares")
-    cum = -np.cumsum(np.asarray(result["per_step"]), axis=0)
+    zero = [j for j, v in enumerate(shares) if v == 0]  # e.g. free-riders: mark the bar
+    bx.scatter(zero, np.zeros(len(zero)), marker="D", s=30, zorder=3,
+               color=[colours[roles[j]] for j in zero], edgecolors="k", linewidths=0.5)
+    bx.set_xticks(np.arange(len(roles)))
+    bx.tick_params(axis="x", labelsize=7 if len(roles) > 20 else 9)
+    bx.set(xlabel="node", ylabel=r"signed share $c_j / \sum_k |c_k|$",
+           title="contribution shares (diamond: exactly 0)" if zero else "contribution shares")
+    present = [r for r in colours if r in roles]
+    bx.legend(handles=[Patch(color=colours[r], label=labels[r]) for r in present], fontsize=8)
+    cum = -np.cumsum(np.asarray(result["per_step"], np.float64), axis=0)
     for j, role in enumerate(roles):
-        cx.plot(cum[:, j], color=colours[role], alpha=0.9 if role != "honest" else 0.4,
-                label=role if role not in roles[:j] else None)
-    cx.set(xlabel="step", ylabel="cumulative contribution", title="contribution over the run")
+        cx.plot(np.arange(1, cum.shape[0] + 1), cum[:, j], color=colours[role],
+                alpha=0.9 if role != "honest" else 0.4, lw=1.6 if role != "honest" else 1,
+                label=labels[role] if role not in roles[:j] else None)
+    cx.axhline(0, color="k", lw=0.6)
+    cx.set(xlabel="step t", ylabel=r"cumulative contribution $-\sum_{s \leq t} A[s, j]$ (nats)",
+           title="contribution over the run (one line per node)")
     cx.legend(fontsize=8)
     return report.save_figure(fig, path)

@@ -6,108 +6,165 @@ import argparse
 from collections.abc import Callable
 from pathlib import Path
 
-import matplotlib
+from dicejax.commands import add_command, metadata, options, prepare, save_results
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt
-import numpy as np
-from rich.table import Table
-
-from dicejax import report
-from dicejax.commands import save_results
-from dicejax.experiments.anomaly import ATTACKS
-from dicejax.experiments.common import RunConfig
+#: Kept for callers of the first CLI: ``_attackers("3,17")``, ``_attackers("random:2")``.
+_attackers = options.attackers
 
 
-def _attackers(text: str) -> int | list[int]:
-    """``"3"`` or ``"3,17"`` (node ids) or ``"random:K"`` (K random attackers per seed)."""
-    text = text.strip()
-    try:
-        if text.startswith("random:"):
-            return int(text.split(":", 1)[1])
-        return [int(t) for t in text.split(",") if t.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"expected node ids like 3,17 or random:K, got {text!r}") from None
-
-
-def register(subparsers, run_args: Callable[[argparse.ArgumentParser], None],
-             make_config: Callable[[argparse.Namespace], RunConfig]) -> None:
+def register(subparsers, run_args: Callable[..., object],
+             make_config: Callable[[argparse.Namespace], object]) -> None:
     """Adds ``dicejax detect`` to the CLI's sub-parsers."""
-    p = subparsers.add_parser(
-        "detect", help="anomaly detection by proximal influence: ROC-AUC, precision, recall")
-    run_args(p)
-    p.add_argument("--attack", default="label_permutation", choices=ATTACKS)
-    p.add_argument("--attackers", type=_attackers, default=1,
+    p = add_command(
+        subparsers, "detect",
+        help="anomaly detection by proximal influence: ROC-AUC, precision, recall",
+        description="Some nodes attack (corrupted batches or manipulated updates). Each node "
+                    "sums the proximal influence of each in-neighbour over the last --window "
+                    "steps and flags neighbours whose robust z-score exceeds --threshold. "
+                    "Reports edge-level ROC-AUC, precision and recall per seed; writes "
+                    "detect.json and detect_roc.png.")
+    out = run_args(p)
+    options.add_checkpoint_arg(out if out is not None else p,
+                               "every finished seed, and the training of the seed in progress")
+    g = p.add_argument_group("attack and detection")
+    g.add_argument("--attack", default="label_permutation", choices=options.ATTACKS,
+                   help="label_permutation (labels shuffled within each batch, the paper's "
+                        "label flipping), label_flip (all labels set to class 0), "
+                        "gaussian_noise (inputs + N(0, --std²)), sign_flip (negated updates), "
+                        "free_rider (no local updates)")
+    g.add_argument("--attackers", type=options.attackers, default=1, metavar="IDS|random:K",
                    help="attacking node ids (e.g. 3 or 3,17) or random:K for K random "
-                        "attackers per seed (default random:1)")
-    p.add_argument("--window", type=int, default=100, help="score the last WINDOW steps")
-    p.add_argument("--seeds", type=int, default=5,
-                   help="number of seeds: --seed, --seed + 1, ... (default 5)")
-    p.add_argument("--threshold", type=float, default=3.5, help="flag robust z-scores above")
-    p.add_argument("--std", type=float, default=10.0, help="gaussian_noise standard deviation")
-    p.add_argument("--chunk-steps", type=int, default=25,
-                   help="recorded steps held in memory at once")
-    p.set_defaults(fn=lambda a: _run(a, make_config))
+                        "attackers per seed (default: random:1)")
+    g.add_argument("--window", type=options.positive_int, default=100, metavar="W",
+                   help="score the last W steps of the run (at most --steps)")
+    g.add_argument("--seeds", type=options.positive_int, default=5, metavar="K",
+                   help="number of seeds: --seed, --seed + 1, ...")
+    g.add_argument("--threshold", type=options.positive_float, default=3.5, metavar="Z",
+                   help="flag an in-neighbour whose robust z-score exceeds Z")
+    g.add_argument("--std", type=options.positive_float, default=10.0, metavar="S",
+                   help="noise standard deviation of --attack gaussian_noise (normalised "
+                        "input units; the paper's variance 100 is 10)")
+    g.add_argument("--chunk-steps", type=options.positive_int, default=25, metavar="S",
+                   help="recorded steps held in memory at once while scoring")
+    p.set_defaults(fn=lambda a: run(a, make_config))
 
 
-def _run(a: argparse.Namespace, make_config: Callable[[argparse.Namespace], RunConfig]) -> int:
+def check(a: argparse.Namespace) -> None:
+    """``--window <= --steps``; attackers within the nodes."""
+    if a.window > a.steps:
+        raise options.UsageError(f"--window: {a.window} exceeds --steps {a.steps}")
+    check_attackers(a)
+
+
+def check_attackers(a: argparse.Namespace) -> None:
+    """``--attackers``: ids in ``[0, nodes)``, or ``random:K`` with ``K < nodes``."""
+    if a.attackers is None:
+        return
+    if isinstance(a.attackers, int):
+        if a.attackers >= a.nodes:
+            raise options.UsageError(f"--attackers: random:{a.attackers} needs fewer attackers "
+                                     f"than --nodes {a.nodes}")
+    else:
+        options.check_nodes(a.attackers, a.nodes, "--attackers")
+        if len(set(a.attackers)) >= a.nodes:
+            raise options.UsageError("--attackers: at least one node must be honest")
+
+
+def run(a: argparse.Namespace, make_config: Callable[[argparse.Namespace], object]) -> int:
+    """The command's handler."""
+    out = prepare(a, [check])
+    config = make_config(a)
+    from dicejax import report
+    from dicejax.commands.progress import Tracker
     from dicejax.experiments.anomaly import detection
 
-    config = make_config(a)
-    if a.seeds < 1:
-        raise ValueError(f"--seeds: must be a positive integer, got {a.seeds}")
     seeds = list(range(config.seed, config.seed + a.seeds))
-    out = Path(a.out)
-    with report.console.status(f"{a.attack}: training and scoring {len(seeds)} seeds ...") as s:
-        result = detection(
-            config, a.attack, a.attackers, a.window, seeds, a.threshold, std=a.std,
-            chunk_steps=a.chunk_steps,
-            callback=lambda i, r: s.update(f"{a.attack}: seed {i + 1}/{len(seeds)} done, "
-                                           f"ROC-AUC {r['roc_auc']:.4f}"))
+    with Tracker(report.console, resumable=a.checkpoint_dir is not None) as t:
+        seed_bar = t.bar("seeds", len(seeds), "seeds", noun="seed", ordinal=True)
+        step_bar = t.bar("this seed", config.steps, "steps")
+
+        def on_seed(i, r):
+            t.update(seed_bar, i + 1, info=f"last ROC-AUC {r['roc_auc']:.4f}")
+
+        current = [0]
+
+        def on_steps(i, done):
+            if i != current[0]:
+                current[0] = i
+                t.reset(step_bar)
+            t.update(step_bar, done, info=f"training and scoring seed {seeds[i]}")
+
+        result = detection(config, a.attack, a.attackers, a.window, seeds, a.threshold,
+                           std=a.std, chunk_steps=a.chunk_steps, callback=on_seed,
+                           progress=on_steps, checkpoint_dir=a.checkpoint_dir)
     report.console.print(detection_table(result))
+    n = len(seeds)
     report.console.print(
-        f"ROC-AUC {result['roc_auc']['mean']:.4f} ± {result['roc_auc']['std']:.4f}, "
-        f"precision {result['precision']['mean']:.4f}, recall {result['recall']['mean']:.4f} "
-        f"at z > {result['threshold']} over {len(seeds)} seeds; "
-        f"{result['wall_seconds']:.1f} s")
-    return save_results(out, "detect", result, {"detect_roc.png": roc_figure})
+        f"ROC-AUC {report.mean_std(result['roc_auc'], n)}, precision "
+        f"{report.mean_std(result['precision'], n)}, recall "
+        f"{report.mean_std(result['recall'], n)} at z > {result['threshold']:g} "
+        f"({report.seeds_text(seeds)}); {result['wall_seconds']:.1f} s")
+    return save_results(out, "detect", result, {"detect_roc.png": roc_figure}, metadata(a))
 
 
-def detection_table(result: dict) -> Table:
-    """One row per seed, then the mean and standard deviation over seeds."""
-    table = Table(title=f"Anomaly detection: {result['attack']}, window {result['window']}, "
-                        f"z > {result['threshold']}")
-    for name in ("seed", "attackers", "AUC", "prec", "recall", "top-1", "acc", "s"):
-        table.add_column(name, justify="right")
+def detection_table(result: dict) -> object:
+    """One row per seed, then the mean and standard deviation over seeds (if several)."""
+    from dicejax import report
+
+    seeds = result["seeds"]
+    extra = {"gaussian_noise": f", std {result.get('std')}",
+             "label_flip": f", target {result.get('target')}"}.get(result["attack"], "")
+    t = report.table(
+        f"Anomaly detection: {result['attack']}{extra}, last {result['window']} steps scored, "
+        f"flag z > {result['threshold']:g}, {report.seeds_text(seeds)} — "
+        f"{report.config_line(result.get('config'), seeds=seeds)}",
+        caption="Edge level: an edge j → k is positive when the sender j is an attacker. AUC: "
+                "ROC-AUC of the robust z-scores over all edges; prec(ision), recall: of the "
+                "flagged edges (z > threshold); top-1: share of attacked nodes that rank an "
+                "attacker first; honest acc: honest nodes' mean test accuracy after the run; "
+                "time (s): wall seconds of the seed (training, scoring, evaluation). "
+                + ("mean and std: over the seeds." if len(seeds) > 1 else ""))
+    for name in ("seed", "attackers", "AUC", "prec", "recall", "top-1", "honest acc",
+                 "time (s)"):
+        t.add_column(name, justify="right")
     for r in result["per_seed"]:
-        table.add_row(str(r["seed"]), ",".join(map(str, r["attackers"])),
-                      f"{r['roc_auc']:.4f}", f"{r['precision']:.4f}", f"{r['recall']:.4f}",
-                      f"{r['top1']:.4f}", f"{r['honest_accuracy']:.4f}",
-                      f"{r['wall_seconds']:.0f}")
-    table.add_section()
-    keys = ("roc_auc", "precision", "recall", "top1", "honest_accuracy")
-    table.add_row("mean", "", *[f"{result[k]['mean']:.4f}" for k in keys],
-                  f"{result['wall_seconds']:.0f}")
-    table.add_row("std", "", *[f"{result[k]['std']:.4f}" for k in keys], "")
-    table.caption = ("AUC, prec(ision), recall: edge level (positive: the sender is an "
-                     "attacker); top-1: attacked nodes ranking an attacker first; acc: honest "
-                     "nodes' mean test accuracy")
-    return table
+        t.add_row(str(r["seed"]), ",".join(map(str, r["attackers"])),
+                  f"{r['roc_auc']:.4f}", f"{r['precision']:.4f}", f"{r['recall']:.4f}",
+                  f"{r['top1']:.4f}", f"{r['honest_accuracy']:.4f}",
+                  f"{r['wall_seconds']:.0f}")
+    if len(seeds) > 1:
+        t.add_section()
+        keys = ("roc_auc", "precision", "recall", "top1", "honest_accuracy")
+        mean_time = sum(r["wall_seconds"] for r in result["per_seed"]) / len(seeds)
+        t.add_row("mean", "", *[f"{result[k]['mean']:.4f}" for k in keys], f"{mean_time:.0f}")
+        t.add_row("std", "", *[f"{result[k]['std']:.4f}" for k in keys], "")
+    return t
 
 
 def roc_figure(result: dict, path: Path) -> Path:
     """ROC curve of every seed, and the z-scores of honest and attacking senders."""
-    fig, (ax, hx) = plt.subplots(1, 2, figsize=(10, 4.2))
+    import numpy as np
+
+    from dicejax import report
+
+    seeds = result["seeds"]
+    extra = {"gaussian_noise": f" (std {result.get('std')})",
+             "label_flip": f" (to class {result.get('target')})"}.get(result["attack"], "")
+    title = (f"dicejax detect — {result['attack']}{extra}, last {result['window']} steps "
+             f"scored, {report.seeds_text(seeds)}\n"
+             f"{report.config_line(result.get('config'), seeds=seeds)}")
+    fig, axes = report.figure(1, 2, 11.5, 4.8, title)
+    ax, hx = axes[0]
     for r in result["per_seed"]:
         ax.step(np.asarray(r["roc"]["fpr"]), np.asarray(r["roc"]["tpr"]), where="post",
                 label=f"seed {r['seed']}: AUC {r['roc_auc']:.3f}", alpha=0.8)
-    ax.plot([0, 1], [0, 1], "k--", lw=0.8)
+    ax.plot([0, 1], [0, 1], "k--", lw=0.8, label="chance")
     auc = result["roc_auc"]
-    ax.set(xlabel="false positive rate (honest edges)", ylabel="true positive rate",
-           title=f"{result['attack']}: ROC-AUC {auc['mean']:.3f} ± {auc['std']:.3f}",
+    ax.set(xlabel="false positive rate (honest senders' edges)",
+           ylabel="true positive rate (attackers' edges)",
+           title=f"edge-level ROC: AUC {report.mean_std(auc, len(seeds), '.3f')}",
            xlim=(-0.01, 1.01), ylim=(-0.01, 1.01))
-    ax.legend(fontsize=7, loc="lower right")
+    ax.legend(fontsize=7, loc="lower right", ncol=1 if len(seeds) <= 6 else 2)
     honest, attacked = [], []
     for r in result["per_seed"]:
         z = np.asarray(r["scores"], dtype=float)  # None (no edge) -> nan
@@ -116,13 +173,16 @@ def roc_figure(result: dict, path: Path) -> Path:
         honest.append(z[ok & ~is_attacker])
         attacked.append(z[ok & is_attacker])
     honest, attacked = np.concatenate(honest), np.concatenate(attacked)
-    lo = min(honest.min(), attacked.min(), -1.0)
-    hi = max(honest.max(), attacked.max(), result["threshold"]) + 1.0
+    both = np.concatenate([honest, attacked])
+    lo = min(both.min() if both.size else -1.0, -1.0)
+    hi = max(both.max() if both.size else 1.0, result["threshold"]) + 1.0
     bins = np.linspace(lo, hi, 60)
     hx.hist(honest, bins=bins, alpha=0.6, label=f"honest senders ({honest.size} edges)")
     hx.hist(attacked, bins=bins, alpha=0.8, label=f"attackers ({attacked.size} edges)")
-    hx.axvline(result["threshold"], color="k", ls="--", lw=0.8, label="threshold")
-    hx.set(xlabel="robust z-score of accumulated proximal influence", ylabel="edges",
-           yscale="log", title="all seeds")
+    hx.axvline(result["threshold"], color="k", ls="--", lw=0.8,
+               label=f"threshold z = {result['threshold']:g}")
+    hx.set(xlabel="robust z-score of the accumulated proximal influence (> 0: harmful)",
+           ylabel="edges (log scale)", yscale="log",
+           title=f"z-scores of every edge, {report.seeds_text(seeds)}")
     hx.legend(fontsize=7)
     return report.save_figure(fig, path)

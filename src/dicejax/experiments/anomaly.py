@@ -8,18 +8,20 @@ rate. :func:`detection` runs that setting for several seeds and reports ROC-AUC,
 and recall of the rule in :mod:`dicejax.apps.anomaly`.
 
 Each seed: build the run (:func:`dicejax.experiments.common.build`), corrupt the attackers'
-batches at every step (or gate their updates, for update attacks), train ``T − window``
-steps without recording, then the last ``window`` steps recorded in chunks of
-``chunk_steps`` (memory: ``O(chunk_steps · n · P)``), summing the weight-normalised proximal
-influence of every step; finally every node scores its in-neighbours and flags outliers.
+batches at every step as they are streamed (:class:`AttackedSource`; or gate their updates,
+for update attacks), train ``T − window`` steps without recording, then the last ``window``
+steps recorded in chunks of ``chunk_steps`` (memory: ``O(chunk_steps · n · P)`` and one
+chunk of batches, whatever ``T`` is), summing the weight-normalised proximal influence of
+every step; finally every node scores its in-neighbours and flags outliers.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import os
 import time
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -28,15 +30,17 @@ import numpy as np
 from dicejax import attacks
 from dicejax.apps import anomaly
 from dicejax.experiments.common import (
+    ResultStore,
     RunConfig,
+    Runner,
     Setup,
     build,
     cached_optimizer,
     evaluate_params,
+    periodic_window,
     pick_attackers,
     summarize,
 )
-from dicejax.simulate import plan_run
 
 DATA_ATTACKS = ("label_permutation", "label_flip", "gaussian_noise")
 UPDATE_ATTACKS = ("sign_flip", "free_rider")
@@ -77,12 +81,110 @@ def apply_attack(setup: Setup, attack: str, corruption: attacks.Corruption | Non
       ``(batches, update_scale)``: corrupted batches for a data attack (``update_scale``
       ``None``), or the clean batches and ``[T, n]`` gates for an update attack.
     """
-    T, n = jax.tree.leaves(setup.batches)[0].shape[:2]
+    batches = setup.batches  # materialised once: [T, n, B, ...]
+    T, n = jax.tree.leaves(batches)[0].shape[:2]
     if attack in DATA_ATTACKS:
         mask = attacks.attack_mask(T, n, list(attackers))
-        return jax.jit(corruption)(setup.batches, mask, jax.random.PRNGKey(seed)), None
+        return jax.jit(corruption)(batches, mask, jax.random.PRNGKey(seed)), None
     dtype = jnp.result_type(jax.tree.leaves(setup.params)[0])
-    return setup.batches, attacks.UPDATE_ATTACKS[attack](T, n, list(attackers), dtype=dtype)
+    return batches, attacks.UPDATE_ATTACKS[attack](T, n, list(attackers), dtype=dtype)
+
+
+class AttackedSource(NamedTuple):
+    """A batch source whose attackers' batches are corrupted as the chunks are generated.
+
+    ``source(a, b)`` equals steps ``[a, b)`` of :func:`apply_attack`'s corrupted batches for
+    ``label_permutation`` and ``label_flip`` (the label-permutation draws ``[T, n, B]`` are
+    made once per run, the same draws as corrupting the whole run at once). For
+    ``gaussian_noise`` the noise of step ``t`` is drawn from ``fold_in(key(seed), t)``, so
+    any window is reproducible on its own (not the same draws as :func:`apply_attack`).
+
+    Attributes:
+      source: the clean source (e.g. ``Setup.source``).
+      attack: a name of :data:`DATA_ATTACKS`.
+      attackers: attacking node indices.
+      seed: seeds the corruption.
+      std: noise standard deviation (``gaussian_noise``).
+      target: class of ``label_flip``.
+      draws: ``[T, n, B]`` uniform draws of ``label_permutation`` (None otherwise).
+    """
+
+    source: Callable[[int, int], dict]
+    attack: str
+    attackers: tuple[int, ...]
+    seed: int
+    std: float = 10.0
+    target: int = 0
+    draws: np.ndarray | None = None
+
+    def __call__(self, start: int, stop: int) -> dict:
+        chunk = dict(self.source(start, stop))
+        y = np.asarray(chunk["y"])
+        mask = np.zeros(y.shape[1], bool)
+        mask[list(self.attackers)] = True
+        if self.attack == "label_permutation":
+            order = np.argsort(self.draws[start:stop], axis=-1, kind="stable")
+            permuted = np.take_along_axis(y, order, axis=-1)
+            chunk["y"] = np.where(mask[None, :, None], permuted, y)
+        elif self.attack == "label_flip":
+            chunk["y"] = np.where(mask[None, :, None], np.asarray(self.target, y.dtype), y)
+        elif self.attack == "gaussian_noise":
+            chunk["x"] = np.asarray(_noisy(jax.numpy.asarray(chunk["x"]), jnp.asarray(mask),
+                                           jnp.arange(start, stop), self.seed, self.std))
+        return chunk
+
+    def spec(self) -> dict:
+        """JSON description for a checkpoint's ``run.json``."""
+        spec = getattr(self.source, "spec", None)
+        base = spec() if callable(spec) else {"kind": "callable"}
+        return {**base, "attack": {"name": self.attack, "attackers": list(self.attackers),
+                                   "seed": self.seed, "std": self.std, "target": self.target}}
+
+
+@jax.jit
+def _noisy(x: jax.Array, mask: jax.Array, steps: jax.Array, seed: int, std: float) -> jax.Array:
+    """``x [S, n, B, ...]`` plus ``std · N(0, 1)`` on the masked nodes, drawn per global step."""
+    key = jax.random.PRNGKey(seed)
+
+    def one(x_t, t):
+        noise = jax.random.normal(jax.random.fold_in(key, t), x_t.shape, x_t.dtype)
+        m = mask.reshape((-1,) + (1,) * (x_t.ndim - 1))
+        return jnp.where(m, x_t + noise * jnp.asarray(std, x_t.dtype), x_t)
+
+    return jax.vmap(one)(x, steps)
+
+
+def attacked_stream(setup: Setup, attack: str, attackers: Sequence[int], seed: int, *,
+                    std: float = 10.0, target: int = 0) -> tuple[Any, np.ndarray | None]:
+    """The attacked run as a stream: ``(source, update_scale)``.
+
+    Args:
+      setup: the built run.
+      attack: one of :data:`ATTACKS`.
+      attackers: the attacking node indices.
+      seed: seeds the corruption.
+      std: noise standard deviation for ``gaussian_noise``.
+      target: class for ``label_flip``.
+
+    Returns:
+      An :class:`AttackedSource` (data attacks; ``update_scale`` None) or the clean source
+      and ``[T, n]`` gates (update attacks).
+    """
+    T, n, B = setup.config.steps, setup.config.nodes, setup.config.batch
+    if attack in DATA_ATTACKS:
+        corruption_for(attack, std, target)  # validates std and target
+        draws = None
+        if attack == "label_permutation":  # the draws of attacks.label_permutation()
+            draws = np.asarray(jax.random.uniform(jax.random.PRNGKey(seed), (T, n, B)))
+        return AttackedSource(setup.source, attack, tuple(int(a) for a in attackers), int(seed),
+                              float(std), int(target), draws), None
+    if attack not in ATTACKS:
+        raise ValueError(f"attack: must be one of {ATTACKS}, got {attack!r}")
+    dtype = jnp.result_type(jax.tree.leaves(setup.params)[0])
+    scale = attacks.UPDATE_ATTACKS[attack](T, n, list(attackers), dtype=dtype)
+    return setup.source, np.asarray(scale)
+
+
 
 
 def detection(
@@ -100,6 +202,8 @@ def detection(
     chunk_steps: int = 25,
     dtype: Any = None,
     callback: Callable[[int, dict], None] | None = None,
+    progress: Callable[[int, int], None] | None = None,
+    checkpoint_dir: str | os.PathLike | None = None,
 ) -> dict:
     """Runs anomaly detection for several seeds and reports its quality.
 
@@ -123,6 +227,9 @@ def detection(
       chunk_steps: recorded steps held in memory at once.
       dtype: float dtype (default float32).
       callback: called after each seed with ``(index, per-seed result)``.
+      progress: called after each chunk of steps with ``(seed index, steps done)``.
+      checkpoint_dir: keep every finished seed there (and, for data attacks, the training
+        checkpoints of the seed in progress); a second call with the same folder resumes.
 
     Returns:
       A JSON-ready dict: the settings, ``per_seed`` (attackers, ROC-AUC, precision, recall,
@@ -142,18 +249,32 @@ def detection(
         raise ValueError(f"threshold: must be a finite number, got {threshold!r}")
     if isinstance(chunk_steps, bool) or not isinstance(chunk_steps, int) or chunk_steps < 1:
         raise ValueError(f"chunk_steps: must be a positive integer, got {chunk_steps!r}")
-    corruption = corruption_for(attack, std, target)
+    corruption_for(attack, std, target)  # validates std and target before any work
     pick_attackers(attackers, config.nodes, 0)  # validate before any work
 
     # One optimizer object for every seed (and call): it is a static argument of the jitted
     # run, so a fresh one per seed would recompile everything.
     optimizer = cached_optimizer(config.optimizer, config.lr)
+    store = None
+    if checkpoint_dir is not None:
+        store = ResultStore(checkpoint_dir, {
+            "experiment": "detection", "config": dataclasses.asdict(config), "attack": attack,
+            "attackers": attackers, "window": window, "threshold": threshold, "std": std,
+            "target": target, "min_scale": min_scale, "normalize": normalize,
+            "dtype": None if dtype is None else np.dtype(dtype).name})
     start = time.perf_counter()
     per_seed = []
     for i, seed in enumerate(seeds):
-        result = _one_seed(dataclasses.replace(config, seed=int(seed)), attack, corruption,
-                           attackers, window, threshold, min_scale, normalize, chunk_steps,
-                           dtype, optimizer)
+        result = None if store is None else store.get(f"seed_{int(seed)}")
+        if result is None:
+            result = _one_seed(
+                dataclasses.replace(config, seed=int(seed)), attack, attackers, window,
+                threshold, min_scale, normalize, chunk_steps, dtype, optimizer, std=std,
+                target=target,
+                checkpoint_dir=None if store is None else store.subfolder(f"train_{seed}"),
+                progress=None if progress is None else (lambda done, i=i: progress(i, done)))
+            if store is not None:
+                store.put(f"seed_{int(seed)}", result)
         per_seed.append(result)
         if callback is not None:
             callback(i, result)
@@ -177,26 +298,23 @@ def detection(
     }
 
 
-def _one_seed(config: RunConfig, attack: str, corruption: attacks.Corruption,
-              attackers, window: int, threshold: float, min_scale: float, normalize: bool,
-              chunk_steps: int, dtype: Any, optimizer) -> dict:
+def _one_seed(config: RunConfig, attack: str, attackers, window: int, threshold: float,
+              min_scale: float, normalize: bool, chunk_steps: int, dtype: Any, optimizer, *,
+              std: float, target: int, checkpoint_dir=None, progress=None) -> dict:
     from sklearn.metrics import roc_curve
 
     tic = time.perf_counter()
     setup = build(config, dtype)._replace(optimizer=optimizer)
     T, n = config.steps, config.nodes
     chosen = pick_attackers(attackers, n, config.seed)
-    batches, scale = apply_attack(setup, attack, corruption, chosen, config.seed)
-
-    plan = plan_run(setup.loss_fn, setup.params, batches, setup.topology, setup.optimizer,
-                    update_scale=scale)
-    warm, state = T - window, plan.run_state
-    if warm:
-        state, _ = plan.run_window(state, batches, 0, warm)
+    source, scale = attacked_stream(setup, attack, chosen, config.seed, std=std, target=target)
+    runner = Runner(setup, source=source, update_scale=scale, evaluate=False,
+                    checkpoint_dir=checkpoint_dir if scale is None else None,
+                    callback=None if progress is None else (lambda state, done: progress(done)))
+    runner.advance(T - window)
     total, support = None, None
-    for lo in range(warm, T, chunk_steps):
-        hi = min(lo + chunk_steps, T)
-        state, traj = plan.run_window(state, batches, lo, hi, record=True)
+    while runner.position < T:
+        traj = periodic_window(runner.record(min(runner.position + chunk_steps, T), move=True))
         prox = anomaly.proximal_steps(setup.loss_fn, traj, setup.probe)
         mats = traj.matrices()
         part = anomaly.accumulate(prox, mats, normalize)
@@ -204,6 +322,7 @@ def _one_seed(config: RunConfig, attack: str, corruption: attacks.Corruption,
         total = part if total is None else total + part
         support = edges if support is None else support | edges
         del traj, prox
+    state = runner.state
     det = anomaly.detect(total, support, threshold, min_scale)
     metrics = anomaly.evaluate(det, chosen)
     edges = np.asarray(det.edges)
@@ -226,5 +345,5 @@ def _one_seed(config: RunConfig, attack: str, corruption: attacks.Corruption,
     }
 
 
-__all__ = ["ATTACKS", "DATA_ATTACKS", "UPDATE_ATTACKS", "apply_attack", "corruption_for",
-           "detection"]
+__all__ = ["ATTACKS", "DATA_ATTACKS", "UPDATE_ATTACKS", "AttackedSource", "apply_attack",
+           "attacked_stream", "corruption_for", "detection"]

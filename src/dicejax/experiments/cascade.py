@@ -19,15 +19,16 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from typing import Any
+from collections.abc import Callable
+from typing import Any, NamedTuple
 
 import jax
 import numpy as np
 
 from dicejax import influence
 from dicejax import topology as topo_lib
-from dicejax.experiments.common import RunConfig, build
-from dicejax.simulate import evaluate_nodes, plan_run
+from dicejax.experiments.common import RunConfig, Runner, build
+from dicejax.simulate import evaluate_nodes
 
 
 def ranks(x: np.ndarray) -> np.ndarray:
@@ -58,6 +59,36 @@ def same_batch_at(batches: dict, step: int, source: int = 0) -> dict:
             for k, v in batches.items()}
 
 
+class PlacedSource(NamedTuple):
+    """A batch source in which every node gets ``source_node``'s batch at ``steps``.
+
+    The streamed twin of :func:`same_batch_at` (applied to each chunk as it is generated).
+
+    Attributes:
+      source: the underlying batch source.
+      steps: global steps at which every node gets the same batch.
+      source_node: whose batch is shared.
+    """
+
+    source: Callable[[int, int], dict]
+    steps: tuple[int, ...]
+    source_node: int = 0
+
+    def __call__(self, start: int, stop: int) -> dict:
+        chunk = {k: np.array(v) for k, v in self.source(start, stop).items()}
+        for t in self.steps:
+            if start <= t < stop:
+                for v in chunk.values():
+                    v[t - start] = v[t - start, self.source_node][None]
+        return chunk
+
+    def spec(self) -> dict:
+        """JSON description for a checkpoint's ``run.json``."""
+        spec = getattr(self.source, "spec", None)
+        base = spec() if callable(spec) else {"kind": "callable"}
+        return {**base, "same_batch_at": list(self.steps), "source_node": self.source_node}
+
+
 def _cascade_summary(cas: influence.Cascade) -> dict[str, Any]:
     r = cas.hops
     network = np.stack([np.asarray(cas.network(h)) for h in range(1, r + 1)])  # [r, n]
@@ -71,7 +102,9 @@ def _cascade_summary(cas: influence.Cascade) -> dict[str, Any]:
 
 
 def cascade_experiment(config: RunConfig, matrix_path: str | None = None, hops: int = 3,
-                       placements: int = 8, dtype: Any = None) -> dict[str, Any]:
+                       placements: int = 8, dtype: Any = None, *,
+                       progress: Callable[[str, int, int], None] | None = None,
+                       ) -> dict[str, Any]:
     """Figure 1: influence of one batch placed at each of the 16 nodes of the designed matrix.
 
     One placement's cascade is dominated by how each source's state happens to respond to
@@ -88,6 +121,8 @@ def cascade_experiment(config: RunConfig, matrix_path: str | None = None, hops: 
       hops: ``r``; cascades are scored at hops ``1..r``.
       placements: number of placement steps averaged.
       dtype: optional float dtype (``jnp.float64`` needs x64).
+      progress: ``progress(phase, done, total)``: ``("train", steps done, T)`` after each
+        chunk of training, ``("score", placements done, placements)`` after each cascade.
 
     Returns:
       A dict: ``out_weight`` ``[n]``; ``placement_steps`` ``[m]``; ``gt`` and ``e`` with
@@ -110,22 +145,19 @@ def cascade_experiment(config: RunConfig, matrix_path: str | None = None, hops: 
                          f"steps={T}, got {placements!r}")
     start = T - hops * placements
     local = [i * hops for i in range(placements)]
-    setup = build(config, dtype)
-    batches = setup.batches
-    for s in local:
-        batches = same_batch_at(batches, start + s)
-
-    plan = plan_run(setup.loss_fn, setup.params, batches, topo, setup.optimizer)
-    state = plan.run_state
-    if start:
-        state, _ = plan.run_window(state, batches, 0, start)
-    _, traj = plan.run_window(state, batches, start, T, record=True)
+    setup = build(config, dtype)._replace(topology=topo)
+    say = progress or (lambda phase, done, total: None)
+    runner = Runner(setup, source=PlacedSource(setup.source, tuple(start + s for s in local)),
+                    evaluate=False, callback=lambda state, done: say("train", done, T))
+    runner.advance(start)
+    traj = runner.record(T, move=True)  # the placement window [T - r·placements, T)
     gts, ests = [], []
-    for s in local:
+    for i, s in enumerate(local):
         gts.append(_cascade_summary(influence.gt_cascade(setup.loss_fn, traj, setup.probe, s,
                                                          hops)))
         ests.append(_cascade_summary(influence.e_cascade(setup.loss_fn, traj, setup.probe, s,
                                                          hops)))
+        say("score", i + 1, len(local))
     gt = {k: np.stack([g[k] for g in gts]) for k in gts[0]}
     est = {k: np.stack([g[k] for g in ests]) for k in ests[0]}
     out_weight = np.asarray(topo.out_weight, np.float64)
@@ -158,4 +190,4 @@ def cascade_experiment(config: RunConfig, matrix_path: str | None = None, hops: 
     }
 
 
-__all__ = ["cascade_experiment", "ranks", "same_batch_at", "spearman"]
+__all__ = ["PlacedSource", "cascade_experiment", "ranks", "same_batch_at", "spearman"]

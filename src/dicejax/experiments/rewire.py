@@ -21,6 +21,7 @@ the run and per period.
 from __future__ import annotations
 
 import dataclasses
+import os
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -32,6 +33,7 @@ import numpy as np
 from dicejax.apps import collaborators
 from dicejax.experiments.anomaly import ATTACKS, apply_attack, corruption_for
 from dicejax.experiments.common import (
+    ResultStore,
     RunConfig,
     build,
     cached_optimizer,
@@ -84,8 +86,13 @@ def rewiring(
     target: int = 0,
     dtype: Any = None,
     callback: Callable[[int, dict], None] | None = None,
+    progress: Callable[[int, str, int], None] | None = None,
+    checkpoint_dir: str | os.PathLike | None = None,
 ) -> dict:
     """Trains every arm on the same attacked runs and compares honest accuracy.
+
+    The batches of one seed are built whole (``[T, n, B, ...]``; the rewiring loop of
+    :func:`dicejax.apps.collaborators.rewire` takes them so), so memory grows with ``T``.
 
     Args:
       config: the run (``config.seed`` is replaced by each seed). The paper-like setting:
@@ -108,6 +115,10 @@ def rewiring(
       target: class for ``label_flip``.
       dtype: float dtype (default float32).
       callback: called after each seed with ``(index, per-seed result)``.
+      progress: called with ``(seed index, arm, steps done)`` as each arm trains (after each
+        rewiring period, and once at the end of an arm).
+      checkpoint_dir: keep every finished (seed, arm) there; a second call with the same
+        folder resumes with the next one.
 
     Returns:
       A JSON-ready dict: settings; ``per_seed`` (attackers, and per arm the honest mean
@@ -137,12 +148,21 @@ def rewiring(
     pick_attackers(attackers, config.nodes, 0)  # validate before any work
     corruption = corruption_for(attack, std, target)
     optimizer = cached_optimizer(config.optimizer, config.lr)
+    store = None
+    if checkpoint_dir is not None:
+        store = ResultStore(checkpoint_dir, {
+            "experiment": "rewiring", "config": dataclasses.asdict(config), "attack": attack,
+            "attackers": attackers, "keep": keep, "period": period, "candidates": candidates,
+            "stride": stride, "decay": decay, "std": std, "target": target,
+            "dtype": None if dtype is None else np.dtype(dtype).name})
     start = time.perf_counter()
     per_seed = []
     for i, seed in enumerate(seeds):
         cfg = dataclasses.replace(config, seed=int(seed))
         result = _one_seed(cfg, attack, corruption, attackers, keep, period, arms, candidates,
-                           stride, decay, dtype, optimizer)
+                           stride, decay, dtype, optimizer, store=store,
+                           progress=None if progress is None else
+                           (lambda arm, done, i=i: progress(i, arm, done)))
         per_seed.append(result)
         if callback is not None:
             callback(i, result)
@@ -187,32 +207,50 @@ def attacker_weight(schedule: jax.Array, attackers: Sequence[int]) -> np.ndarray
 
 def _one_seed(config: RunConfig, attack: str, corruption, attackers, keep: int, period: int,
               arms: Sequence[str], candidates: str, stride: int, decay: float, dtype: Any,
-              optimizer) -> dict:
-    setup = build(config, dtype)._replace(optimizer=optimizer)
+              optimizer, store: ResultStore | None = None, progress=None) -> dict:
     n, T = config.nodes, config.steps
     chosen = pick_attackers(attackers, n, config.seed)
+    results = {}
+    todo = []
+    for arm in arms:
+        done = None if store is None else store.get(f"seed_{config.seed}_{arm}")
+        if done is None:
+            todo.append(arm)
+        else:
+            results[arm] = done
+            if progress is not None:
+                progress(arm, T)
+    if not todo:
+        return {"seed": config.seed, "attackers": chosen, "arms": results}
+    setup = build(config, dtype)._replace(optimizer=optimizer)
+    clean_batches = setup.batches  # [T, n, B, ...]: rewire() takes the whole run
     batches, scale = apply_attack(setup, attack, corruption, chosen, config.seed)
     honest = np.setdiff1d(np.arange(n), chosen)
     matrix = jnp.asarray(setup.topology.matrix)
     pool = ~jnp.eye(n, dtype=bool) if candidates == "all" else None
-    results = {}
     for arm in arms:
+        if arm not in todo:
+            continue
         tic = time.perf_counter()
+        say = (lambda done, arm=arm: progress(arm, done)) if progress is not None else None
         if arm in ("clean", "fixed"):
             clean = arm == "clean"
-            traj = simulate(setup.loss_fn, setup.params, setup.batches if clean else batches,
+            traj = simulate(setup.loss_fn, setup.params, clean_batches if clean else batches,
                             setup.topology, optimizer, record=False,
-                            update_scale=None if clean else scale)
+                            update_scale=None if clean else scale,
+                            chunk_steps=max(1, T // 20),
+                            callback=None if say is None else (lambda state, d, say=say: say(d)))
             params = traj.final_params
             schedule = jnp.broadcast_to(matrix, (T, n, n))
             final = matrix
         else:
             chooser = {"influence": None, "random": _random_chooser(config.seed),
                        "oracle": _oracle_chooser(chosen, n, config.seed)}[arm]
-            res = collaborators.rewire(setup.loss_fn, setup.params, batches, matrix, optimizer,
-                                       setup.probe, keep, period, candidates=pool, decay=decay,
-                                       update_scale=scale, stride=stride, chooser=chooser,
-                                       score=arm == "influence")
+            res = collaborators.rewire(
+                setup.loss_fn, setup.params, batches, matrix, optimizer, setup.probe, keep,
+                period, candidates=pool, decay=decay, update_scale=scale, stride=stride,
+                chooser=chooser, score=arm == "influence",
+                callback=None if say is None else (lambda done, state, say=say: say(done)))
             params, schedule, final = res.state.params, res.schedule, res.rewire.matrix
         acc = np.asarray(evaluate_params(setup.eval_fn, params, setup.test)["accuracy"])
         share = attacker_weight(schedule, chosen)
@@ -224,6 +262,11 @@ def _one_seed(config: RunConfig, attack: str, corruption, attackers, keep: int, 
             "final_matrix": np.asarray(final, np.float64),
             "wall_seconds": time.perf_counter() - tic,
         }
+        if say is not None:
+            say(T)
+        if store is not None:
+            store.put(f"seed_{config.seed}_{arm}", results[arm])
+    results = {arm: results[arm] for arm in arms}
     return {"seed": config.seed, "attackers": chosen, "arms": results}
 
 

@@ -24,7 +24,9 @@ the ring of the support's degree ``d``) and ``exponential`` (directed, degree ``
 
 from __future__ import annotations
 
+import dataclasses
 import functools
+import os
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -37,7 +39,16 @@ from dicejax import data as data_lib
 from dicejax import models as model_lib
 from dicejax import topology as topo_lib
 from dicejax import topology_opt as opt_lib
-from dicejax.experiments.common import RunConfig, make_optimizer, make_topology
+from dicejax.experiments.common import (
+    CHUNK_BYTES,
+    ResultStore,
+    RunConfig,
+    TypedSource,
+    make_optimizer,
+    make_topology,
+    step_bytes,
+    window_chunks,
+)
 from dicejax.simulate import consensus_distance, simulate
 
 BASELINES = ("uniform", "metropolis_hastings", "ring", "ring_lattice", "exponential")
@@ -121,11 +132,18 @@ def _seed_setup(config: RunConfig, ds: data_lib.Dataset, seed: int, val_size: in
                                   samples_per_node=config.samples_per_node if resample else None)
         return _cast(b, dtype)
 
+    def source(stream_seed: int) -> TypedSource:  # the same stream, chunk by chunk
+        from dicejax.checkpoint import stream_source
+
+        return TypedSource(stream_source(
+            x_tr, y_tr, parts, config.batch, seed=stream_seed, resample=resample,
+            samples_per_node=config.samples_per_node if resample else None), dtype)
+
     val = _cast({"x": ds.x_train[val_idx], "y": ds.y_train[val_idx]}, dtype)
     test = _cast(data_lib.test_set(ds, config.test_size or None), dtype)
     return dict(model=model, loss_fn=model_lib.make_loss_fn(model),
                 eval_fn=model_lib.make_eval_fn(model), params=params, stream=stream,
-                val=val, test=test)
+                source=source, val=val, test=test, input_shape=ds.input_shape)
 
 
 @functools.partial(jax.jit, static_argnames="eval_fn")
@@ -144,12 +162,16 @@ def _final_metrics(params: Any, test: dict, val: dict, *, eval_fn: Callable) -> 
 
 
 def _evaluate(s: dict, config: RunConfig, optimizer: Any, matrix: np.ndarray,
-              batches: dict) -> dict:
-    """Trains with ``matrix`` on ``batches`` and evaluates the final params on the test set."""
+              source: TypedSource) -> dict:
+    """Trains with ``matrix`` on the stream ``source`` (chunk by chunk) and evaluates the
+    final params on the test set."""
     eval_every = config.eval_every or config.steps
-    traj = simulate(s["loss_fn"], s["params"], batches, topo_lib.from_matrix(matrix),
-                    optimizer, record=False, eval_batch=s["test"], eval_fn=s["eval_fn"],
-                    eval_every=eval_every)
+    itemsize = np.dtype(source.dtype or np.float32).itemsize
+    chunk = max(1, min(config.steps, CHUNK_BYTES // step_bytes(config, s["input_shape"],
+                                                               itemsize)))
+    traj = simulate(s["loss_fn"], s["params"], window_chunks(source, 0, config.steps, chunk),
+                    topo_lib.from_matrix(matrix), optimizer, record=False,
+                    eval_batch=s["test"], eval_fn=s["eval_fn"], eval_every=eval_every)
     metrics = _final_metrics(traj.final_params, s["test"], s["val"], eval_fn=s["eval_fn"])
     ev = traj.metrics["eval"]
     return {
@@ -183,6 +205,8 @@ def compare(
     sinkhorn_iters: int = 50,
     dtype: Any = None,
     callback: Callable[[str], None] | None = None,
+    progress: Callable[[int, str, int, int], None] | None = None,
+    checkpoint_dir: str | os.PathLike | None = None,
 ) -> dict:
     """Learns a graph on ``support`` per seed and compares it with baselines on test data.
 
@@ -209,12 +233,18 @@ def compare(
       sinkhorn_iters: Sinkhorn iterations.
       dtype: float dtype of parameters and data (default float32).
       callback: progress messages.
+      progress: ``progress(seed index, phase, done, total)``: phase ``"optimise"`` after each
+        Adam step on the logits, ``"train"`` after each topology's evaluation run.
+      checkpoint_dir: keep every finished seed there; a second call with the same folder
+        resumes with the next seed.
 
     Returns:
       A JSON-ready dict: ``topologies[name]`` with ``degree``, ``spectral_gap`` (``1 − |λ₂|``
       per seed) and, for each metric of ``METRICS``, ``{"mean", "std", "values"}`` over
-      seeds, plus mean curves; ``learned`` with the learned matrices and optimisation
-      histories per seed; the protocol settings and wall times.
+      seeds, plus mean curves, and ``same_as`` (the earlier topology whose matrix it equals
+      in every seed, e.g. Metropolis–Hastings = uniform on a regular support, or None);
+      ``learned`` with the learned matrices and optimisation histories per seed; the
+      protocol settings and wall times.
     """
     seed_list = (list(range(config.seed, config.seed + seeds)) if isinstance(seeds, int)
                  else [int(s) for s in seeds])
@@ -240,14 +270,38 @@ def compare(
     # Built once: a new optax object (or jitted step) per seed or topology would recompile.
     topo_opt = opt_lib.topology_optimizer(fn, par, opt_lr, entropy_weight=entropy_weight)
     say = callback or (lambda message: None)
-    ds = data_lib.load_dataset(config.dataset, config.data_dir)
+    tell = progress or (lambda i, phase, done, total: None)
+    from dicejax.experiments.common import load_data
+
+    ds = load_data(config)
     optimizer = make_optimizer(config.optimizer, config.lr)
+    store = None
+    if checkpoint_dir is not None:
+        store = ResultStore(checkpoint_dir, {
+            "experiment": "topology_opt", "config": dataclasses.asdict(config),
+            "support": mask.astype(int), "opt_steps": opt_steps, "objective": str(objective),
+            "parameterization": parameterization, "opt_lr": opt_lr, "horizon": horizon,
+            "val_size": val_size, "baselines": list(baselines), "max_degree": max_degree,
+            "entropy_weight": entropy_weight, "sinkhorn_iters": sinkhorn_iters,
+            "dtype": None if dtype is None else np.dtype(dtype).name})
     start = time.perf_counter()
     rows: dict[str, list[dict]] = {}
     topologies: dict[str, dict] = {}
     learned: dict[str, list] = {"weights": [], "history": [], "effective_degree": [],
                                 "opt_seconds": []}
+    twins: dict[str, set] = {}  # name -> earlier names with the same matrix, per seed
     for i, seed in enumerate(seed_list):
+        piece = None if store is None else store.get(f"seed_{seed}")
+        if piece is not None:
+            for key in learned:
+                learned[key].append(piece["learned"][key])
+            for name, row in piece["rows"].items():
+                rows.setdefault(name, []).append(row)
+            for name, same in piece["twins"].items():
+                twins[name] = twins.get(name, same) & same
+            tell(i, "optimise", opt_steps, opt_steps)
+            tell(i, "train", len(piece["rows"]), len(piece["rows"]))
+            continue
         s = _seed_setup(config, ds, seed, val_size, dtype)
 
         def problem(step, s=s, seed=seed):
@@ -256,33 +310,52 @@ def compare(
                                           optimizer)
 
         t0 = time.perf_counter()
-        result = opt_lib.optimize(
-            fn, problem, par, opt_steps, optimizer=topo_opt,
-            callback=lambda k, v, i=i: say(f"seed {i + 1}/{len(seed_list)}: optimising the "
-                                           f"graph, step {k + 1}/{opt_steps}, objective {v:.4g}"))
-        learned["opt_seconds"].append(time.perf_counter() - t0)
+        def on_step(k, v, i=i):
+            say(f"seed {i + 1}/{len(seed_list)}: optimising the graph, step {k + 1}/"
+                f"{opt_steps}, objective {v:.4g}")
+            tell(i, "optimise", k + 1, opt_steps)
+
+        result = opt_lib.optimize(fn, problem, par, opt_steps, optimizer=topo_opt,
+                                  callback=on_step)
+        piece_learned = {"opt_seconds": time.perf_counter() - t0}
         w = np.asarray(result.weights, dtype=np.float64)
         w = w / w.sum(axis=-1, keepdims=True)  # float32 rounding → exactly row-stochastic
-        learned["weights"].append(w)
-        learned["history"].append(result.history)
-        learned["effective_degree"].append(np.asarray(opt_lib.effective_degree(jnp.asarray(w))))
+        piece_learned["weights"] = w
+        piece_learned["history"] = np.asarray(result.history)
+        piece_learned["effective_degree"] = np.asarray(
+            opt_lib.effective_degree(jnp.asarray(w)))
+        for key in learned:
+            learned[key].append(piece_learned[key])
         candidates = {"learned": topo_lib.from_matrix(w, name=f"learned ({parameterization})")}
         for name in baselines:
             topo = _baseline(name, mask, n)
             if topo is not None:
                 candidates[name] = topo
-        batches = s["stream"](seed, config.steps)
-        done: dict[bytes, dict] = {}  # identical matrices (e.g. MH = uniform on regular graphs)
-        for name, topo in candidates.items():
+        source = s["source"](seed)
+        done: dict[bytes, dict] = {}  # equal matrices (e.g. MH = uniform on regular graphs)
+        first: dict[bytes, str] = {}
+        piece_rows, piece_twins = {}, {}
+        for j, (name, topo) in enumerate(candidates.items()):
             say(f"seed {i + 1}/{len(seed_list)}: training with {name}")
-            key = np.asarray(topo.matrix, np.float64).tobytes()
+            # equal to 1e-12: the same graph (uniform = MH on a regular support differ in
+            # the last bits of float32), trained once and reported once
+            key = np.round(np.asarray(topo.matrix, np.float64), 12).tobytes()
             if key not in done:
-                done[key] = _evaluate(s, config, optimizer, topo.matrix, batches)
+                done[key], first[key] = _evaluate(s, config, optimizer, topo.matrix, source), name
+            piece_twins[name] = {first[key]} - {name}
             row = dict(done[key])
             row["spectral_gap"] = topo.spectral_gap
             row["degree"] = _degree(topo.matrix)
             row["name"] = topo.name
+            piece_rows[name] = row
+            tell(i, "train", j + 1, len(candidates))
+        for name, row in piece_rows.items():
             rows.setdefault(name, []).append(row)
+        for name, same in piece_twins.items():
+            twins[name] = twins.get(name, same) & same
+        if store is not None:
+            store.put(f"seed_{seed}", {"learned": piece_learned, "rows": piece_rows,
+                                       "twins": piece_twins})
     for name, per_seed in rows.items():
         entry: dict[str, Any] = {"name": per_seed[0]["name"], "degree": per_seed[0]["degree"],
                                  "spectral_gap": _stats([r["spectral_gap"] for r in per_seed])}
@@ -293,6 +366,8 @@ def compare(
             "test_loss": np.mean([r["test_loss_curve"] for r in per_seed], axis=0),
             "eval_step": per_seed[0]["eval_step"],
         }
+        same = sorted(twins.get(name, set()))
+        entry["same_as"] = same[0] if same else None
         topologies[name] = entry
     return {
         "config": config,
