@@ -339,7 +339,9 @@ class RunPlan:
                              f"past step {self.scale.shape[0]}")
         return self.scale[done : done + t_c]
 
-    def step(self, state, chunk, gates, record):
+    def step(self, state, chunk, gates, record, evaluate: bool = True):
+        """Runs one chunk (``gates`` from :meth:`gates`); ``evaluate=False`` skips the
+        periodic evaluation. Returns ``(state, outputs)``, outputs trimmed to ``n`` nodes."""
         if self.unroll is None:
             platform = (jax.default_backend() if self.layout is None
                         else self.layout.mesh.devices.flat[0].platform)
@@ -348,7 +350,8 @@ class RunPlan:
             chunk = self.layout.place(chunk, axis=1)
             gates = None if gates is None else self.layout.place(gates, axis=1, fill=1)
         state, ys = run_chunk(self.run_sim, state, chunk, as_gate(gates), record=record,
-                              unroll=int(self.unroll), evaluation=self.evaluation,
+                              unroll=int(self.unroll),
+                              evaluation=self.evaluation if evaluate else None,
                               sync=self.layout is not None)
         return state, (ys if self.layout is None else self.layout.trim_outputs(ys))
 
@@ -382,7 +385,7 @@ class RunPlan:
         start = int(initial.step)
         steps = np.arange(start + 1, start + len(ys.loss) + 1)
         ev = None
-        if self.evaluation is not None:
+        if self.evaluation is not None and ys.eval is not None:
             sel = np.flatnonzero(steps % self.evaluation.every == 0)
             ev = {"step": jnp.asarray(steps[sel]), **jax.tree.map(lambda x: x[sel], ys.eval)}
         return Trajectory.from_run(

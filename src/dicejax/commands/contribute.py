@@ -86,7 +86,8 @@ def contribution_run(config: Any, permuted: Sequence[int] = (),
     scale = attacks.free_rider(T, n, free_riders, dtype=dt) if free_riders else None
     traj = None if store is None else store.get("trajectory")
     if traj is not None:
-        traj = traj.replace(optimizer=setup.optimizer)
+        traj = traj.replace(simulator=traj.simulator.replace(loss_fn=setup.loss_fn,
+                                                             optimizer=setup.optimizer))
         say("train", T, T)
     else:
         chunk = setup.chunk_steps
@@ -95,7 +96,9 @@ def contribution_run(config: Any, permuted: Sequence[int] = (),
                         setup.topology, setup.optimizer, record=True, update_scale=scale,
                         callback=lambda state, d: say("train", d, T))
         if store is not None:
-            store.put("trajectory", traj.replace(optimizer=None))
+            # the loss and optimizer are closures (not picklable): rebuilt from the setup
+            store.put("trajectory", traj.replace(simulator=traj.simulator.replace(
+                loss_fn=None, optimizer=None)))
     say("attribute", 0, 1)
     led = contributions(setup.loss_fn, traj, setup.probe, proximal=proximal)
     roles = ["honest"] * n

@@ -143,12 +143,12 @@ def _score_step(loss: Callable, window: Any, probe: Any, hops: int,
     est = {o: e_cascade(loss, window, probe, 0, hops, order=o, batch_size=batch_size)
            for o in (1, 2)}
     shells = {"gt": gt.direct + jnp.cumsum(gt.per_hop, axis=0)}
-    network = {"gt": jnp.sum(gt.matrix, axis=1)}
+    network = {"gt": gt.network_per_hop}
     for name, (order, direct) in ESTIMATORS.items():
         cas = est[order]
         own = gt.direct if direct == "exact" else cas.direct
         shells[name] = own + jnp.cumsum(cas.per_hop, axis=0)
-        network[name] = jnp.sum(cas.matrix, axis=1)
+        network[name] = cas.network_per_hop
     out = {"shells": shells, "network": network,
            "direct": {"taylor": est[1].direct, "exact": gt.direct}}
     return jax.tree.map(np.asarray, jax.device_get(out))

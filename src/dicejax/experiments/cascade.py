@@ -89,15 +89,14 @@ class PlacedSource(NamedTuple):
         return {**base, "same_batch_at": list(self.steps), "source_node": self.source_node}
 
 
-def _cascade_summary(cas: influence.Cascade) -> dict[str, Any]:
-    r = cas.hops
-    network = np.stack([np.asarray(cas.network(h)) for h in range(1, r + 1)])  # [r, n]
+def _cascade_summary(cas: influence.Cascade | influence.SparseCascade,
+                     num_nodes: int) -> dict[str, Any]:
     return {
         "direct": np.asarray(cas.direct),
         "per_hop": np.asarray(cas.per_hop),
         "total": np.asarray(cas.total),
-        "network": network,
-        "matrix": np.asarray(cas.matrix),
+        "network": np.asarray(cas.network_per_hop),  # [r, n]
+        "matrix": np.asarray(cas.dense(num_nodes).matrix),
     }
 
 
@@ -154,9 +153,9 @@ def cascade_experiment(config: RunConfig, matrix_path: str | None = None, hops: 
     gts, ests = [], []
     for i, s in enumerate(local):
         gts.append(_cascade_summary(influence.gt_cascade(setup.loss_fn, traj, setup.probe, s,
-                                                         hops)))
+                                                         hops), topo.n))
         ests.append(_cascade_summary(influence.e_cascade(setup.loss_fn, traj, setup.probe, s,
-                                                         hops)))
+                                                         hops), topo.n))
         say("score", i + 1, len(local))
     gt = {k: np.stack([g[k] for g in gts]) for k in gts[0]}
     est = {k: np.stack([g[k] for g in ests]) for k in ests[0]}

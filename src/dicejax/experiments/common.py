@@ -30,7 +30,14 @@ import optax
 from dicejax import data as data_lib
 from dicejax import models as model_lib
 from dicejax import topology as topo_lib
-from dicejax.simulate import NodeState, Trajectory, final_state, simulate
+from dicejax.simulate import (
+    NodeState,
+    RunPlan,
+    Trajectory,
+    final_state,
+    plan_run,
+    raise_if_diverged,
+)
 
 OPTIMIZERS = ("sgd", "momentum", "adam")
 
@@ -418,6 +425,7 @@ class Runner:
             self.resumed_from = min(latest_step(self.checkpoint_dir) or 0, setup.config.steps)
         self._metrics: list[dict] = []
         self._whole: dict | None = None  # checkpointed: metrics of [0, position)
+        self._run_plan: RunPlan | None = None
 
     def _sim_kwargs(self) -> dict:
         s = self.setup
@@ -429,13 +437,47 @@ class Runner:
         if self.callback is not None:
             self.callback(state, int(done))
 
+    def _plan(self, first_chunk: dict) -> RunPlan:
+        """The run's :class:`~dicejax.simulate.RunPlan`: validated once, on the first chunk."""
+        if self._run_plan is None:
+            s = self.setup
+            self._run_plan = plan_run(s.loss_fn, s.params, first_chunk, s.topology,
+                                      s.optimizer, update_scale=self.update_scale,
+                                      **self._sim_kwargs())
+            if self.state is None:
+                self.state = self._run_plan.run_state
+        return self._run_plan
+
+    def _steps(self, stop: int, *, record: bool, evaluate: bool) -> Trajectory:
+        """Runs ``[position, stop)`` chunk by chunk from ``state``; its trajectory."""
+        outs, kept, kept_gates = [], [], []
+        start, state = self.position, self.state
+        for chunk in window_chunks(self.source, self.position, stop, self.chunk_steps):
+            plan = self._plan(chunk)
+            state = plan.run_state if state is None else state
+            t_c = int(jax.tree.leaves(chunk)[0].shape[0])
+            done = start + sum(int(o.loss.shape[0]) for o in outs)
+            gates = plan.gates(done, t_c)
+            state, ys = plan.step(state, chunk, gates, record, evaluate)
+            raise_if_diverged(ys.loss, ys.finite, done)
+            outs.append(ys)
+            if record:
+                kept.append(chunk)
+            if gates is not None:
+                kept_gates.append(gates)
+            if not record:
+                self._chunk_callback(plan.host_state(state), done + t_c)
+        initial = self.state if self.state is not None else self._run_plan.run_state
+        return self._run_plan.trajectory(state, outs, kept, kept_gates, record,
+                                         initial=self._run_plan.host_state(initial))
+
     def advance(self, stop: int) -> None:
         """Runs steps ``[position, stop)`` without recording."""
         if stop < self.position:
             raise ValueError(f"stop: {stop} is before the current step {self.position}")
         if stop == self.position:
             return
-        s, start = self.setup, self.position
+        s = self.setup
         if self.checkpoint_dir is not None:
             from dicejax.checkpoint import run_checkpointed
 
@@ -446,14 +488,7 @@ class Runner:
                 **self._sim_kwargs())
             self._whole = traj.metrics
         else:
-            scale = None if self.update_scale is None else self.update_scale[self.position:stop]
-            traj = simulate(s.loss_fn, s.params,
-                            window_chunks(self.source, self.position, stop, self.chunk_steps),
-                            s.topology, s.optimizer, record=False, initial_state=self.state,
-                            update_scale=scale,
-                            callback=lambda state, done: self._chunk_callback(state,
-                                                                              start + done),
-                            **self._sim_kwargs())
+            traj = self._steps(stop, record=False, evaluate=True)
             self._metrics.append(traj.metrics)
         self.state, self.position = final_state(traj), stop
 
@@ -466,13 +501,7 @@ class Runner:
             the run's); otherwise the runner stays where it is (for overlapping windows;
             no evaluation).
         """
-        s = self.setup
-        scale = None if self.update_scale is None else self.update_scale[self.position:stop]
-        kwargs = self._sim_kwargs() if move else {}
-        traj = simulate(s.loss_fn, s.params,
-                        window_chunks(self.source, self.position, stop, self.chunk_steps),
-                        s.topology, s.optimizer, record=True, initial_state=self.state,
-                        update_scale=scale, **kwargs)
+        traj = self._steps(stop, record=True, evaluate=move)
         if move:
             if self._whole is not None:
                 self._metrics, self._whole = [self._whole], None

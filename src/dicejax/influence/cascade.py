@@ -100,6 +100,16 @@ class Cascade(NamedTuple):
         h = _check_network_hops(self.hops, _renamed_horizon(hops, horizon, None))
         return jnp.sum(self.matrix[h - 1], axis=0)
 
+    @property
+    def network_per_hop(self) -> jax.Array:
+        """``[r, m]``: :meth:`network` at every hop ``h = 1..r``."""
+        return jnp.sum(self.matrix, axis=1)
+
+    def dense(self, num_nodes: int | None = None) -> Cascade:
+        """This cascade (already dense)."""
+        del num_nodes
+        return self
+
 
 class SparseCascade(NamedTuple):
     """The reach-restricted form of :class:`Cascade`: per source, its reached nodes only.
@@ -141,6 +151,11 @@ class SparseCascade(NamedTuple):
         """``[m]``: ``Σ_k C_h[k, j]`` (over the reached nodes: the others are zero)."""
         h = _check_network_hops(self.hops, _renamed_horizon(hops, horizon, None))
         return jnp.sum(self.values[h - 1], axis=1)
+
+    @property
+    def network_per_hop(self) -> jax.Array:
+        """``[r, m]``: :meth:`network` at every hop ``h = 1..r``."""
+        return jnp.stack([jnp.sum(v, axis=1) for v in self.values])
 
     def dense(self, num_nodes: int) -> Cascade:
         """The same cascade as a dense :class:`Cascade` (``matrix [r, n, m]``: small ``n``)."""
