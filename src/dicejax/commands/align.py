@@ -31,7 +31,11 @@ def register(subparsers, run_args: Callable[..., object],
                    help="run in float32 (default: float64, so that far-hop ground truths are "
                         "not lost in rounding)")
     g.add_argument("--batch-size", type=options.positive_int, default=None, metavar="K",
-                   help="sources re-run at a time (bounds memory; default: all n at once)")
+                   help="sources re-run at a time (default: as many as half the free memory "
+                        "holds)")
+    g.add_argument("--sources-per-step", type=options.positive_int, default=None, metavar="M",
+                   help="sources scored at each step, sampled without replacement (default: "
+                        "every node up to 64 nodes, 64 above)")
     p.set_defaults(fn=lambda a: run(a, make_config))
 
 
@@ -39,6 +43,9 @@ def check(a: argparse.Namespace) -> None:
     """``--hops <= --steps``, ``--num-steps <= --steps - --hops + 1``."""
     if a.hops > a.steps:
         raise options.UsageError(f"--hops: {a.hops} exceeds --steps {a.steps}")
+    if a.sources_per_step is not None and a.sources_per_step > a.nodes:
+        raise options.UsageError(f"--sources-per-step: {a.sources_per_step} exceeds --nodes "
+                                 f"{a.nodes}")
     most = a.steps - a.hops + 1
     if a.num_steps > most:
         raise options.UsageError(
@@ -73,7 +80,8 @@ def run(a: argparse.Namespace, make_config: Callable[[argparse.Namespace], objec
 
         result = alignment(config, hops=a.hops, num_steps=a.num_steps, dtype=dtype,
                            batch_size=a.batch_size, callback=progress,
-                           checkpoint_dir=a.checkpoint_dir)
+                           checkpoint_dir=a.checkpoint_dir,
+                           sources_per_step=a.sources_per_step)
     report.console.print(report.alignment_table(result))
     d = result["direct_taylor_vs_exact"]
     resumed = (f" ({result['resumed_scores']} scored steps restored from "

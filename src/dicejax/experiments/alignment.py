@@ -35,12 +35,18 @@ def _corr(x: np.ndarray, y: np.ndarray) -> dict[str, float]:
             "spearman": float(stats.spearmanr(x, y)[0])}
 
 
+#: ``alignment(sources_per_step=None)`` scores every node up to this many nodes, and this many
+#: sampled sources per step above it.
+MAX_SOURCES_PER_STEP = 64
+
+
 def alignment(config: RunConfig, *, hops: int = 3, num_steps: int = 20,
               dtype: Any = jnp.float64, batch_size: int | None = None,
               callback: Callable[[str, int, int], None] | None = None,
               checkpoint_dir: str | os.PathLike | None = None,
-              chunk_steps: int | None = None) -> dict:
-    """Scores ``num_steps × n`` (step, source) pairs with DICE-GT and every estimator.
+              chunk_steps: int | None = None,
+              sources_per_step: int | None = None) -> dict:
+    """Scores ``num_steps × m`` (step, source) pairs with DICE-GT and every estimator.
 
     The run is streamed: it is trained without recording up to each scored step ``t``, and
     only the window ``[t, t + hops)`` is recorded (memory: one chunk of batches and one
@@ -60,6 +66,9 @@ def alignment(config: RunConfig, *, hops: int = 3, num_steps: int = 20,
       checkpoint_dir: keep the training checkpoints and every scored step there; a second
         call with the same folder resumes where the first stopped.
       chunk_steps: training steps per chunk (default: the set-up's).
+      sources_per_step: sources ``m`` scored at each step, drawn without replacement
+        (seeded by ``config.seed`` and the step); default every node up to
+        :data:`MAX_SOURCES_PER_STEP` nodes, that many above.
 
     Returns:
       A dict with the training summary, the scored steps, per-estimator correlations per
@@ -74,6 +83,10 @@ def alignment(config: RunConfig, *, hops: int = 3, num_steps: int = 20,
         raise ValueError(f"num_steps: must be a positive integer, got {num_steps!r}")
     if config.steps < hops:
         raise ValueError(f"hops: {hops} exceeds the run's {config.steps} steps")
+    n = config.nodes
+    m = min(n, MAX_SOURCES_PER_STEP) if sources_per_step is None else sources_per_step
+    if isinstance(m, bool) or not isinstance(m, int) or not 1 <= m <= n:
+        raise ValueError(f"sources_per_step: must be an integer in [1, {n}], got {m!r}")
     setup = build(config, dtype)
     steps = np.unique(np.linspace(0, config.steps - hops, num_steps).round().astype(int))
     loss, probe = setup.loss_fn, setup.probe
@@ -82,7 +95,7 @@ def alignment(config: RunConfig, *, hops: int = 3, num_steps: int = 20,
     if checkpoint_dir is not None:
         store = ResultStore(checkpoint_dir, {
             "experiment": "alignment", "config": dataclasses.asdict(config), "hops": hops,
-            "steps": steps, "batch_size": batch_size,
+            "steps": steps, "batch_size": batch_size, "sources_per_step": m,
             "dtype": np.dtype(dtype).name if dtype is not None else None})
     runner = Runner(setup, chunk_steps=chunk_steps,
                     checkpoint_dir=None if store is None else store.subfolder("train"),
@@ -95,7 +108,8 @@ def alignment(config: RunConfig, *, hops: int = 3, num_steps: int = 20,
             runner.advance(t)
             train_seconds += time.perf_counter() - tic
             tic = time.perf_counter()
-            piece = _score_step(loss, runner.window(t + hops), probe, hops, batch_size)
+            piece = _score_step(loss, runner.window(t + hops), probe, hops, batch_size,
+                                sample_sources(n, m, config.seed, t))
             seconds += time.perf_counter() - tic
             if store is not None:
                 store.put(f"score_{t}", piece)
@@ -131,17 +145,25 @@ def alignment(config: RunConfig, *, hops: int = 3, num_steps: int = 20,
     }
 
 
+def sample_sources(n: int, m: int, seed: int, step: int) -> np.ndarray | None:
+    """``m`` distinct source nodes for one scored step (None: every node, in order)."""
+    if m >= n:
+        return None
+    rng = np.random.default_rng(np.random.SeedSequence(seed, spawn_key=(0x5CE, step)))
+    return np.sort(rng.choice(n, size=m, replace=False))
+
+
 def _score_step(loss: Callable, window: Any, probe: Any, hops: int,
-                batch_size: int | None) -> dict:
+                batch_size: int | None, sources: np.ndarray | None = None) -> dict:
     """DICE-GT and every estimator at the first step of a recorded ``hops``-step window.
 
     Returns:
-      Host arrays: ``shells[name]`` ``[R, n]`` (direct + shells 1..r), ``network[name]``
-      ``[R, n]`` (Σ_k at t + h), ``direct`` ``{"taylor", "exact"}`` ``[n]``.
+      Host arrays: ``shells[name]`` ``[R, m]`` (direct + shells 1..r), ``network[name]``
+      ``[R, m]`` (Σ_k at t + h), ``direct`` ``{"taylor", "exact"}`` ``[m]``.
     """
-    gt = gt_cascade(loss, window, probe, 0, hops, batch_size=batch_size)
-    est = {o: e_cascade(loss, window, probe, 0, hops, order=o, batch_size=batch_size)
-           for o in (1, 2)}
+    kw = dict(batch_size=batch_size, sources=sources)
+    gt = gt_cascade(loss, window, probe, 0, hops, **kw)
+    est = {o: e_cascade(loss, window, probe, 0, hops, order=o, **kw) for o in (1, 2)}
     shells = {"gt": gt.direct + jnp.cumsum(gt.per_hop, axis=0)}
     network = {"gt": gt.network_per_hop}
     for name, (order, direct) in ESTIMATORS.items():

@@ -87,19 +87,24 @@ class NodeBytes(NamedTuple):
         return self.params + self.opt_state + self.model_state
 
 
-def node_bytes(sim, traj, probe: PyTree) -> NodeBytes:
-    """:class:`NodeBytes` of one node of ``traj`` (shapes only: nothing runs)."""
-    one = traj.node_state(0, 0)
-    batch = jax.tree.map(lambda x: x[0, 0], traj.batches)
+def node_bytes(sim, one, batch: PyTree, probe: PyTree) -> NodeBytes:
+    """:class:`NodeBytes` of one node (shapes only: nothing runs).
 
-    def train(p):
-        return sim.loss_parts(p, one.model_state, batch, one.key)[0]
+    Args:
+      sim: the simulator (its loss form).
+      one: one node's :class:`~dicejax.simulator.NodeState` (no node axis; arrays or shape
+        structs), e.g. ``traj.node_state(0, 0)``.
+      batch: one node's training batch ``[B, ...]``; probe: the probe batch.
+    """
 
-    def probe_loss(p):
-        return sim.probe_loss(p, one.model_state, probe)
+    def residuals(p, ms, b, k, z):
+        train = jax.vjp(lambda q: sim.loss_parts(q, ms, b, k)[0], p)[1]
+        probe_fn = jax.vjp(lambda q: sim.probe_loss(q, ms, z), p)[1]
+        return train, probe_fn
 
-    acts = tree_bytes(jax.eval_shape(lambda p: jax.vjp(train, p)[1], one.params))
-    probe_acts = tree_bytes(jax.eval_shape(lambda p: jax.vjp(probe_loss, p)[1], one.params))
+    train_res, probe_res = jax.eval_shape(residuals, one.params, one.model_state, batch,
+                                          one.key, probe)
+    acts, probe_acts = tree_bytes(train_res), tree_bytes(probe_res)
     return NodeBytes(tree_bytes(one.params), tree_bytes(one.opt_state),
                      tree_bytes(one.model_state), acts, probe_acts)
 

@@ -52,7 +52,7 @@ from dicejax.influence.rerun import (
 )
 from dicejax.mixing import Mixer
 from dicejax.simulate import has_primitive, scalar_loss
-from dicejax.simulator import LossFn
+from dicejax.simulator import LossFn, Simulator
 from dicejax.trajectory import Trajectory
 
 PyTree = Any
@@ -493,21 +493,48 @@ def plan_cascade(loss_fn: LossFn, traj: Trajectory, probe: PyTree, step: int, ho
     sim = rerun_simulator(loss_fn, traj)
     sizes = tables.sizes if tables is not None else (n,) * (hops + 1)
     degree = 1 if nbrs is None else int(nbrs.indices.shape[1])
-    per = budget_lib.source_bytes(budget_lib.node_bytes(sim, traj, probe), sizes, kind=kind,
-                                  order=order, degree=degree)
+    one = traj.node_state(0, 0)
+    nb = _node_bytes(sim.loss_fn, sim.has_aux, sim.stateful, sim.rng, _shapes(one),
+                     _shapes(jax.tree.map(lambda x: x[0, 0], traj.batches)), _shapes(probe))
+    per = budget_lib.source_bytes(nb, sizes, kind=kind, order=order, degree=degree)
     if batch_size is None:
         batch_size = balanced_chunk(len(src), budget_lib.chunk_size(
             len(src), per, budget, what="DICE-GT" if kind == "gt" else "DICE-E"))
     return Plan(chosen, src, int(batch_size), per, tables, nbrs, _has_conv_on_cpu(sim, traj))
 
 
-def _has_conv_on_cpu(sim, traj) -> bool:
+def _shapes(tree: PyTree) -> tuple:
+    """A hashable description of a pytree's structure, shapes and dtypes."""
+    leaves, treedef = jax.tree.flatten(tree)
+    return treedef, tuple((tuple(np.shape(x)), np.dtype(x.dtype).name) for x in leaves)
+
+
+@functools.lru_cache(maxsize=64)
+def _conv_on_cpu(loss, has_aux, stateful, rng, state_shapes, batch_shapes) -> bool:
     if jax.default_backend() != "cpu":
         return False
+    shell = Simulator(None, loss, has_aux=has_aux, stateful=stateful, rng=rng)
+    one, batch = (jax.tree.unflatten(d, [jax.ShapeDtypeStruct(s, t) for s, t in leaves])
+                  for d, leaves in (state_shapes, batch_shapes))
+    jaxpr = jax.make_jaxpr(scalar_loss(shell))(one.params, one.model_state, batch, one.key)
+    return has_primitive(jaxpr, "conv_general_dilated")
+
+
+def _has_conv_on_cpu(sim, traj) -> bool:
+    """Whether the loss has a convolution and runs on CPU (chunks unrolled); cached per loss
+    and shapes, so that repeated queries do not trace the loss again."""
     one = traj.node_state(0, 0)
     batch = jax.tree.map(lambda x: x[0, 0], traj.batches)
-    jaxpr = jax.make_jaxpr(scalar_loss(sim))(one.params, one.model_state, batch, one.key)
-    return has_primitive(jaxpr, "conv_general_dilated")
+    return _conv_on_cpu(sim.loss_fn, sim.has_aux, sim.stateful, sim.rng, _shapes(one),
+                        _shapes(batch))
+
+
+@functools.lru_cache(maxsize=64)
+def _node_bytes(loss, has_aux, stateful, rng, state_shapes, batch_shapes, probe_shapes):
+    shell = Simulator(None, loss, has_aux=has_aux, stateful=stateful, rng=rng)
+    one, batch, probe = (jax.tree.unflatten(d, [jax.ShapeDtypeStruct(s, t) for s, t in leaves])
+                         for d, leaves in (state_shapes, batch_shapes, probe_shapes))
+    return budget_lib.node_bytes(shell, one, batch, probe)
 
 
 def gt_cascade(
@@ -655,20 +682,20 @@ def dice_gt_network(
     hops: int | None = None,
     node_weights: jax.Array | None = None,
     *,
-    batch_size: int | None = None,
     horizon: int | None = None,
+    **options: Any,
 ) -> jax.Array:
-    """Exact network-level influence ``Σ_k q_k [L(θ_k^{t+h}) − L(θ̃_k^{t+h})]``: ``[n]``.
+    """Exact network-level influence ``Σ_k q_k [L(θ_k^{t+h}) − L(θ̃_k^{t+h})]``: ``[m]``.
 
     Args:
-      loss_fn, traj, probe, step, node_weights, batch_size: as in :func:`gt_cascade`.
+      loss_fn, traj, probe, step, node_weights: as in :func:`gt_cascade`.
       hops: ``h >= 1``, the number of later steps (default 1); ``horizon=`` is its
         deprecated name.
+      **options: ``sources``, ``mode``, ``batch_size``, ``memory_budget`` of
+        :func:`gt_cascade`.
     """
     hops = _renamed_horizon(hops, horizon, 1)
-    return gt_cascade(
-        loss_fn, traj, probe, step, hops, node_weights, batch_size=batch_size
-    ).network()
+    return gt_cascade(loss_fn, traj, probe, step, hops, node_weights, **options).network()
 
 
 def network_objective(loss_fn: LossFn, traj: Trajectory, probe: PyTree, t, hops: int,
@@ -699,9 +726,10 @@ def dice_e_network(
     hops: int | None = None,
     node_weights: jax.Array | None = None,
     *,
+    sources: Any = None,
     horizon: int | None = None,
 ) -> jax.Array:
-    """First-order network-level influence of every source, ``h`` steps later: ``[n]``.
+    """First-order network-level influence of every source, ``h`` steps later: ``[m]``.
 
     Computed by one adjoint sweep (reverse mode through the ``h``-step re-run):
     ``λ ← J_stepᵀ λ`` from ``λ^{t+h} = q ⊙ g^{t+h}``, then ``⟨λ_j, v_j⟩`` for every source.
@@ -710,9 +738,13 @@ def dice_e_network(
     Args:
       loss_fn, traj, probe, step, node_weights: as in :func:`e_cascade`.
       hops: ``h >= 1`` (default 1); ``horizon=`` is its deprecated name.
+      sources: the source nodes ``[m]`` to report (all are computed: one sweep serves every
+        source).
     """
     hops = _renamed_horizon(hops, horizon, 1)
     q = check_query(traj, probe, step, hops, node_weights, loss_fn)
-    return compute_e_network(
+    src = check_sources(sources, traj.num_nodes)
+    out = compute_e_network(
         loss_fn, traj, probe, jnp.asarray(step), q.astype(float_dtype(traj)), hops=hops
     )
+    return out if sources is None else out[src]

@@ -54,12 +54,49 @@ def _dots(a: PyTree, b: PyTree) -> jax.Array:
     return jnp.matmul(_flat(list(xs)), _flat(list(ys)).T, precision=jax.lax.Precision.HIGHEST)
 
 
+def _support_dots(a: PyTree, b: PyTree, indices: jax.Array) -> jax.Array:
+    """``[k, d]``: ``a_k · b_{indices[k, d]}`` (0 at padded slots): the in-neighbour pairs
+    only, one row gather per slot."""
+    n, width = indices.shape
+    out = jnp.zeros((n, width), jnp.result_type(*jax.tree.leaves(a)))
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
+        if not jnp.issubdtype(jnp.result_type(y), jnp.inexact):
+            continue
+        cols = [jnp.sum((x * jnp.take(y, indices[:, d], axis=0, mode="fill", fill_value=0)
+                         ).reshape(n, -1), axis=1) for d in range(width)]
+        out = out + jnp.stack(cols, axis=1).astype(out.dtype)
+    return out
+
+
+#: The weighted proximal influence of graphs above this many nodes with a neighbour list is
+#: computed on the in-neighbour pairs only (``O(n·D·P)``), not as an ``[n, P] × [P, n]``
+#: product (``O(n²·P)``).
+SUPPORT_MIN_NODES = 256
+
+
 @functools.partial(jax.jit, static_argnames=("loss_fn", "weighted"))
 def compute_proximal(loss_fn, traj, probe, t, q, weighted=True):
     """The unvalidated core of :func:`proximal` (``t`` may be traced)."""
     sim = rerun_simulator(loss_fn, traj)
     (theta, s_theta), (half, s_half) = probe_vars(traj.state_at(t)), half_vars(traj, t)
     g, g_state = probe_grads(sim, probe_vars(traj.state_at(t + 1)), probe)
+    mixer = traj.mixer
+    n = q.shape[0]
+    if weighted and mixer.indices is not None and n > SUPPORT_MIN_NODES:
+        idx = mixer.indices
+        dots = _support_dots(g, jax.tree.map(jnp.subtract, half, theta), idx)  # [k, d]
+        own = 0.0
+        if sim.stateful:
+            ds_theta = jax.tree.map(jnp.subtract, s_half, s_theta)
+            if sim.gossip_model_state:
+                dots = dots + _support_dots(g_state, ds_theta, idx)
+            else:
+                own = _support_dots(g_state, ds_theta, jnp.arange(n)[:, None])[:, 0]
+        w = mixer.weights[0] if mixer.period == 1 else mixer.weights[
+            (traj.start_step + t) % mixer.period]
+        vals = q[:, None] * w.astype(dots.dtype) * dots
+        out = jnp.zeros((n, n + 1), dots.dtype).at[jnp.arange(n)[:, None], idx].add(vals)
+        return out[:, :n] + jnp.diag(q * own)
     dots = _dots(g, jax.tree.map(jnp.subtract, half, theta))  # [k, j]
     own = None
     if sim.stateful:  # the model-state change travels with the gossip, or stays at j
