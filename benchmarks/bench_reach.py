@@ -138,7 +138,8 @@ def run_one(graph_name: str, n: int, fn: str, budget: float | None) -> dict:
     return row
 
 
-def sweep(args) -> list[dict]:
+def sweep(args, partial: Path | None = None) -> list[dict]:
+    """Every (graph, n, function) in its own subprocess; rows so far go to ``partial``."""
     rows = []
     for g in args.graphs.split(","):
         for n in (int(x) for x in args.nodes.split(",")):
@@ -160,6 +161,8 @@ def sweep(args) -> list[dict]:
                 shown = (f"{row['seconds']:8.2f} s  {row['peak_rss_bytes'] / 2**30:6.2f} GiB"
                          if "seconds" in row else row["error"])
                 print(f"{g:12s} n={n:6d} {fn:24s} {shown}  {row.get('mode', '')}", flush=True)
+                if partial is not None:
+                    write_json(partial, {"rows": rows})
     return rows
 
 
@@ -238,7 +241,9 @@ def main(args) -> int:
     if args.budget_check:
         result["budget_check"] = budget_check(args)
     else:
-        result["rows"] = sweep(args)
+        partial = Path(args.out).with_suffix(".partial.json")
+        result["rows"] = sweep(args, partial)
+        partial.unlink(missing_ok=True)
         result["exponents_from_256"] = exponents(result["rows"])
         for key, value in result["exponents_from_256"].items():
             print(f"exponent {key:36s} {value:5.2f}")

@@ -169,14 +169,18 @@ def test_sources_subset_and_chunks_give_the_same_scores(rng):
     assert cas.nodes[0].shape == (1, 3) and cas.nodes[0][0].tolist() == [3, 4, 5]
 
 
-def test_auto_mode_picks_reach_only_when_the_reach_is_small(rng):
+def test_auto_mode_picks_reach_when_it_updates_fewer_nodes(rng):
     loss, params, batches, probe = make_problem(n=12, steps=4)
     ring = dj.simulate(loss, params, batches, dj.topology.ring(12))
     assert isinstance(di.e_cascade(loss, ring, probe, 0, 2), di.SparseCascade)
     assert isinstance(di.e_cascade(loss, ring, probe, 0, 3, mode="dense"), di.Cascade)
     full = dj.simulate(loss, params, batches, dj.topology.complete(12))
-    assert isinstance(di.e_cascade(loss, full, probe, 0, 1), di.Cascade)
-    assert isinstance(di.e_cascade(loss, full, probe, 0, 1, mode="reach"), di.SparseCascade)
+    assert isinstance(di.e_cascade(loss, full, probe, 0, 3), di.Cascade)
+    assert isinstance(di.e_cascade(loss, full, probe, 0, 3, mode="reach"), di.SparseCascade)
+    # one hop: only the source updates, whatever the graph
+    assert isinstance(di.e_cascade(loss, full, probe, 0, 1), di.SparseCascade)
+    assert reach.reach_is_cheaper((1, 5, 11, 16), 16, "e")
+    assert not reach.reach_is_cheaper((1, 16, 16, 16), 16, "e")
 
 
 def test_bad_sources_modes_and_budgets_raise_value_errors():

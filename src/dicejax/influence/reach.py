@@ -34,10 +34,6 @@ from dicejax.trajectory import Trajectory
 
 PyTree = Any
 
-#: ``mode="auto"`` restricts the cascades to the reach when the largest reach after ``r`` hops
-#: covers at most this fraction of the nodes (else the dense cascade, which has no per-source
-#: gathers, is faster).
-REACH_MAX_FILL = 0.5
 
 #: Host reach computations process this many (source, node) pairs at a time.
 HOST_CHUNK = 1 << 24
@@ -155,6 +151,20 @@ def reach_tables(nbrs: NeighbourList, phases: np.ndarray, sources: np.ndarray) -
     return ReachTables(tuple(nodes), tuple(src_pos), tuple(prev_pos))
 
 
+def reach_is_cheaper(sizes: tuple[int, ...], n: int, kind: str) -> bool:
+    """Whether the reach-restricted cascade updates no more nodes than the dense one.
+
+    Per source, the dense forward cascade propagates a tangent through all ``n`` nodes at
+    each of the ``r`` hops (its primal is shared by the sources); the restricted one updates
+    the ``M_0 + .. + M_{r-1}`` reached nodes, with primal and tangent (twice the work). The
+    dense ground truth re-runs all ``n`` nodes ``r`` times; the restricted one the reached
+    nodes once. Measured on the digits MLP: the 16-node exponential graph at r = 3 (reach 1,
+    5, 11, 16) runs 1.4x faster restricted, though its third hop reaches every node.
+    """
+    work = (2 if kind == "e" else 1) * sum(sizes[:-1])
+    return work <= (len(sizes) - 1) * n
+
+
 def step_phases(traj: Trajectory, t: int, hops: int) -> np.ndarray:
     """``[r]`` the mixer phases of the local steps ``t .. t+r-1``."""
     return (traj.start_step + t + np.arange(hops)) % traj.mixer.period
@@ -269,10 +279,10 @@ def weights_at(traj: Trajectory, nbrs: NeighbourList, t, hops: int) -> jax.Array
 
 __all__ = [
     "HOST_CHUNK",
-    "REACH_MAX_FILL",
     "NeighbourList",
     "ReachTables",
     "neighbour_list",
+    "reach_is_cheaper",
     "reach_tables",
     "restricted_states",
     "step_phases",

@@ -209,6 +209,14 @@ def check_step(value: Any, name: str, num_steps: int, *, stop: bool = False) -> 
     return int(value)
 
 
+@functools.cache
+def _probe_loss_fn(loss_fn, has_aux, stateful, rng):
+    """``(variables, probe) -> L`` for one node, one function per loss and form (so that
+    repeated checks share one trace)."""
+    shell = Simulator(None, loss_fn, has_aux=has_aux, stateful=stateful, rng=rng)
+    return lambda v, probe: shell.probe_loss(v[0], v[1], probe)
+
+
 def check_query(
     traj: Trajectory, probe: PyTree, step: int, hops: int, node_weights, loss_fn: LossFn
 ) -> jax.Array:
@@ -231,10 +239,11 @@ def check_query(
         )
     if not bool(_finite_window(traj.params, step, hops + 1)):
         raise ValueError(f"traj: non-finite parameters between steps {step} and {step + hops}")
-    sim = traj.simulator.replace(loss_fn=loss_fn)
+    sim = traj.simulator
     one = jax.tree.map(lambda x: x[0, 0], probe_vars(traj.states))
     try:
-        out = jax.eval_shape(lambda v: sim.probe_loss(v[0], v[1], probe), one)
+        out = jax.eval_shape(_probe_loss_fn(loss_fn, sim.has_aux, sim.stateful, sim.rng), one,
+                             probe)
     except Exception as e:
         raise ValueError(f"probe: loss_fn(params, probe) failed for this probe: {e}") from e
     if getattr(out, "shape", None) != ():
