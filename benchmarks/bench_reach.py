@@ -12,9 +12,9 @@ Every (graph, n, function) runs in a fresh subprocess, so that its peak resident
 (``ru_maxrss``: the whole process — JAX, the data, the recorded run and the function) is its
 own; time is wall-clock seconds of the first call, compilation included. The growth
 exponent of each function is the least-squares slope of ``log time`` on ``log n`` over
-``n >= 256``. ``--budget-check`` compares the memory-budget estimate of a chunk of sources
+``n >= 256``. ``--budget-check`` compares the memory estimate of a chunk of sources
 (:func:`dicejax.influence.budget.source_bytes` × chunk) with the peak memory the chunked
-call adds, for several budgets.
+call adds, for several chunk sizes.
 
 Usage::
 
@@ -54,11 +54,17 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--nodes", default="16,64,256,1024,4096")
     p.add_argument("--graphs", default=",".join(GRAPHS))
     p.add_argument("--functions", default=",".join(FUNCTIONS))
+    p.add_argument("--skip", default="", help="comma list of graph:n pairs not to run "
+                   "(e.g. exponential:4096)")
     p.add_argument("--timeout", type=float, default=900.0, help="seconds per subprocess")
     p.add_argument("--budget-check", action="store_true")
     p.add_argument("--out", default=str(RESULTS_DIR / "bench_reach.json"))
+    p.add_argument("--merge", nargs="+", metavar="JSON",
+                   help="combine the rows of earlier runs (result or .partial.json files) "
+                   "into --out with their exponents and figure; runs nothing")
     p.add_argument("--one", nargs=3, metavar=("GRAPH", "N", "FUNCTION"), help=argparse.SUPPRESS)
     p.add_argument("--budget", type=float, default=None, help=argparse.SUPPRESS)
+    p.add_argument("--batch-size", type=int, default=None, help=argparse.SUPPRESS)
     return p.parse_args(argv)
 
 
@@ -98,7 +104,8 @@ def setup(graph_name: str, n: int):
     return loss_fn, traj, probe, time.perf_counter() - tic
 
 
-def run_one(graph_name: str, n: int, fn: str, budget: float | None) -> dict:
+def run_one(graph_name: str, n: int, fn: str, budget: float | None,
+            batch_size: int | None = None) -> dict:
     import jax
 
     from dicejax import influence as di
@@ -106,6 +113,8 @@ def run_one(graph_name: str, n: int, fn: str, budget: float | None) -> dict:
     loss_fn, traj, probe, sim_seconds = setup(graph_name, n)
     rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     opts = {} if budget is None else {"memory_budget": budget}
+    if batch_size is not None:
+        opts["batch_size"] = batch_size
     calls = {
         "dice_gt": lambda: di.gt_cascade(loss_fn, traj, probe, SOURCE_STEP, HOPS, **opts),
         "dice_e": lambda: di.e_cascade(loss_fn, traj, probe, SOURCE_STEP, HOPS, **opts),
@@ -141,8 +150,11 @@ def run_one(graph_name: str, n: int, fn: str, budget: float | None) -> dict:
 def sweep(args, partial: Path | None = None) -> list[dict]:
     """Every (graph, n, function) in its own subprocess; rows so far go to ``partial``."""
     rows = []
+    skip = {tuple(x.split(":")) for x in args.skip.split(",") if x}
     for g in args.graphs.split(","):
         for n in (int(x) for x in args.nodes.split(",")):
+            if (g, str(n)) in skip:
+                continue
             for fn in args.functions.split(","):
                 cmd = [sys.executable, __file__, "--one", g, str(n), fn]
                 tic = time.perf_counter()
@@ -207,29 +219,44 @@ def figure(rows: list[dict], path: Path) -> Path:
 
 
 def budget_check(args) -> list[dict]:
-    """Estimate vs measured peak memory added by the chunked cascade, for several budgets."""
+    """The per-source estimate against measured memory (ring, n = 1,024).
+
+    For chunks of ``k`` sources (``batch_size=k``, one subprocess each), the bytes the call
+    adds to the process's peak (``ru_maxrss`` after it minus before it) against
+    ``k × source_bytes``; and the marginal bytes of one more source (the slope between the
+    chunk sizes) against ``source_bytes``.
+    """
     rows = []
-    for fn in ("dice_gt", "dice_e2"):
-        for budget in (2**28, 2**29, 2**30):
-            cmd = [sys.executable, __file__, "--one", "ring", "1024", fn, "--budget",
-                   str(budget)]
+    for fn in ("dice_gt", "dice_e", "dice_e2"):
+        for k in (64, 256, 1024):
+            cmd = [sys.executable, __file__, "--one", "ring", "1024", fn, "--batch-size",
+                   str(k)]
             out = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout)
             row = json.loads(out.stdout.strip().splitlines()[-1])
             estimate = row["bytes_per_source"] * row["batch_size"]
             added = row["peak_rss_bytes"] - row["rss_before_bytes"]
-            row.update(budget=budget, estimate_bytes=estimate, added_bytes=added,
-                       ratio=added / estimate)
+            row.update(estimate_bytes=estimate, added_bytes=added, ratio=added / estimate)
             rows.append(row)
-            print(f"{fn:8s} budget {budget / 2**20:6.0f} MiB  chunk {row['batch_size']:5d}  "
-                  f"estimate {estimate / 2**20:7.0f} MiB  measured {added / 2**20:7.0f} MiB  "
+            print(f"{fn:8s} chunk {row['batch_size']:5d}  per source "
+                  f"{row['bytes_per_source'] / 2**20:6.2f} MiB  estimate "
+                  f"{estimate / 2**20:7.0f} MiB  measured {added / 2**20:7.0f} MiB  "
                   f"ratio {row['ratio']:.2f}", flush=True)
+        mine = [r for r in rows if r["function"] == fn]
+        slope = ((mine[-1]["added_bytes"] - mine[0]["added_bytes"])
+                 / (mine[-1]["batch_size"] - mine[0]["batch_size"]))
+        for r in mine:
+            r["marginal_bytes_per_source"] = slope
+            r["marginal_ratio"] = slope / r["bytes_per_source"]
+        print(f"{fn:8s} marginal {slope / 2**20:.2f} MiB per source, estimate "
+              f"{mine[0]['bytes_per_source'] / 2**20:.2f} MiB: ratio "
+              f"{mine[0]['marginal_ratio']:.2f}", flush=True)
     return rows
 
 
 def main(args) -> int:
     if args.one:
         g, n, fn = args.one
-        print(json.dumps(run_one(g, int(n), fn, args.budget)))
+        print(json.dumps(run_one(g, int(n), fn, args.budget, args.batch_size)))
         return 0
     import jax
 
@@ -238,12 +265,17 @@ def main(args) -> int:
               "setting": dict(steps=STEPS, source_step=SOURCE_STEP, hops=HOPS, batch=BATCH,
                               lr=LR, model="mlp 64-128-64-10", dataset="digits",
                               dtype="float32")}
+    if args.merge:
+        result["rows"] = [r for path in args.merge
+                          for r in json.loads(Path(path).read_text())["rows"]]
+        result["merged_from"] = [str(path) for path in args.merge]
     if args.budget_check:
         result["budget_check"] = budget_check(args)
     else:
-        partial = Path(args.out).with_suffix(".partial.json")
-        result["rows"] = sweep(args, partial)
-        partial.unlink(missing_ok=True)
+        if not args.merge:
+            partial = Path(args.out).with_suffix(".partial.json")
+            result["rows"] = sweep(args, partial)
+            partial.unlink(missing_ok=True)
         result["exponents_from_256"] = exponents(result["rows"])
         for key, value in result["exponents_from_256"].items():
             print(f"exponent {key:36s} {value:5.2f}")

@@ -45,9 +45,12 @@ def _close(a, b):
 
 def _assert_same_cascade(sparse, dense, n):
     assert isinstance(sparse, di.SparseCascade) and isinstance(dense, di.Cascade)
-    got = sparse.dense(n)
+    assert sparse.num_nodes == n
+    got = sparse.dense()
     _close(got.matrix, dense.matrix)
     np.testing.assert_array_equal(got.shells, dense.shells)
+    _close(sparse.matrix, dense.matrix)  # the dense readings on the sparse form
+    np.testing.assert_array_equal(sparse.shells, dense.shells)
     _close(sparse.direct, dense.direct)
     _close(sparse.total, dense.total)
     _close(sparse.per_hop, dense.per_hop)

@@ -11,6 +11,7 @@ score follows the source's update (``horizon`` is its deprecated name).
 
 from dicejax.influence.cascade import (
     Cascade,
+    Plan,
     SparseCascade,
     dice_e,
     dice_e_network,
@@ -18,6 +19,7 @@ from dicejax.influence.cascade import (
     dice_gt_network,
     e_cascade,
     gt_cascade,
+    plan_cascade,
 )
 from dicejax.influence.ledger import (
     Ledger,
@@ -37,6 +39,7 @@ from dicejax.influence.rerun import shells
 __all__ = [
     "Cascade",
     "Ledger",
+    "Plan",
     "SparseCascade",
     "dice_e",
     "dice_e_network",
@@ -48,6 +51,7 @@ __all__ = [
     "ledger",
     "neighbourhood_factor",
     "per_sample",
+    "plan_cascade",
     "proximal",
     "proximal_steps",
     "reciprocity",

@@ -52,6 +52,8 @@ from dicejax.influence.rerun import (
     tree_dot,
 )
 from dicejax.mixing import Mixer
+from dicejax.pytrees import dataclass as pytree_dataclass
+from dicejax.pytrees import static_field
 from dicejax.simulate import has_primitive, scalar_loss
 from dicejax.simulator import LossFn, Simulator
 from dicejax.trajectory import Trajectory
@@ -112,11 +114,14 @@ class Cascade(NamedTuple):
         return self
 
 
-class SparseCascade(NamedTuple):
+@pytree_dataclass
+class SparseCascade:
     """The reach-restricted form of :class:`Cascade`: per source, its reached nodes only.
 
     Entries of ``C_s[k, j]`` outside ``R_s(j)`` are exactly zero (the source cannot have
-    changed those nodes yet), so the readings are those of the dense form.
+    changed those nodes yet), so the readings are those of the dense form: ``direct``,
+    ``total``, ``per_hop``, ``network(h)``, ``network_per_hop``, ``sources``; ``matrix`` and
+    ``shells`` too, built densely on access (``[r, n, m]``: mind the memory at large ``n``).
 
     Attributes:
       direct: ``[m]`` as in :class:`Cascade`.
@@ -125,6 +130,7 @@ class SparseCascade(NamedTuple):
       values: ``r`` arrays ``[m, M_s]``: ``C_s[nodes, j]`` (0 at padded positions).
       in_shell: ``r`` arrays ``[m, M_s]`` bool: the node is first reached at hop ``s``.
       sources: ``[m]`` the source nodes.
+      num_nodes: ``n`` (static).
     """
 
     direct: jax.Array
@@ -132,6 +138,7 @@ class SparseCascade(NamedTuple):
     values: tuple
     in_shell: tuple
     sources: jax.Array
+    num_nodes: int = static_field()
 
     @property
     def hops(self) -> int:
@@ -158,8 +165,13 @@ class SparseCascade(NamedTuple):
         """``[r, m]``: :meth:`network` at every hop ``h = 1..r``."""
         return jnp.stack([jnp.sum(v, axis=1) for v in self.values])
 
-    def dense(self, num_nodes: int) -> Cascade:
-        """The same cascade as a dense :class:`Cascade` (``matrix [r, n, m]``: small ``n``)."""
+    def dense(self, num_nodes: int | None = None) -> Cascade:
+        """The same cascade as a dense :class:`Cascade` (``matrix [r, n, m]``: small ``n``).
+
+        Args:
+          num_nodes: ``n`` (default :attr:`num_nodes`).
+        """
+        num_nodes = self.num_nodes if num_nodes is None else num_nodes
         m = self.sources.shape[0]
         cols = jnp.arange(m)[:, None]
         mats, shell = [], []
@@ -168,6 +180,16 @@ class SparseCascade(NamedTuple):
             shell.append(jnp.zeros((num_nodes + 1, m), bool).at[nodes, cols].set(first))
         return Cascade(self.direct, jnp.stack(mats)[:, :num_nodes],
                        jnp.stack(shell)[:, :num_nodes], self.sources)
+
+    @property
+    def matrix(self) -> jax.Array:
+        """``[r, n, m]`` as :attr:`Cascade.matrix` (built densely)."""
+        return self.dense().matrix
+
+    @property
+    def shells(self) -> jax.Array:
+        """``[r, n, m]`` bool as :attr:`Cascade.shells` (built densely)."""
+        return self.dense().shells
 
 
 def _check_network_hops(r: int, hops: int | None) -> int:
@@ -370,7 +392,7 @@ def compute_gt_reach(loss_fn, traj, probe, t, q, tables, nbr_idx, nbr_w, *, batc
     sources = tables.nodes[0][:, 0]
     out, shell = _reach_values(tables, values, q, n)
     direct = _direct(sim, traj, probe, t, q, sources, order=1, direct="exact", exact=True)
-    return SparseCascade(direct, tuple(tables.nodes[1:]), out, shell, sources)
+    return SparseCascade(direct, tuple(tables.nodes[1:]), out, shell, sources, n)
 
 
 @functools.partial(jax.jit, static_argnames=("loss_fn", "order", "direct", "batch_size",
@@ -409,7 +431,7 @@ def compute_e_reach(loss_fn, traj, probe, t, q, tables, nbr_idx, nbr_w, *, order
     sources = tables.nodes[0][:, 0]
     out, shell = _reach_values(tables, values, q, n)
     own = _direct(sim, traj, probe, t, q, sources, order=order, direct=direct, exact=False)
-    return SparseCascade(own, tuple(tables.nodes[1:]), out, shell, sources)
+    return SparseCascade(own, tuple(tables.nodes[1:]), out, shell, sources, n)
 
 
 # --------------------------------------------------------------------------------------------
