@@ -10,7 +10,7 @@ import os
 # subprocesses the tests start inherit it. Results agree to rounding (the tolerances).
 os.environ.setdefault("XLA_FLAGS", "--xla_backend_optimization_level=0")
 
-import jax  # noqa: E402
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest

@@ -92,13 +92,15 @@ def test_source_chunks_give_the_same_cascades(unrolled, monkeypatch):
     jax.clear_caches()  # the chunking is decided at trace time
     loss, traj, probe, q = _run("time_varying", optax.adam(0.05), n=5, steps=6)
     for order in (1, 2):
-        full = di.e_cascade(loss, traj, probe, step=1, hops=3, node_weights=q, order=order)
+        full = di.e_cascade(loss, traj, probe, step=1, hops=3, node_weights=q, order=order,
+                            mode="dense")
         part = di.e_cascade(loss, traj, probe, step=1, hops=3, node_weights=q, order=order,
-                            batch_size=2)
+                            batch_size=2, mode="dense")
         np.testing.assert_allclose(part.matrix, full.matrix, rtol=1e-12, atol=1e-16)
         np.testing.assert_allclose(part.total, full.total, rtol=1e-12, atol=1e-16)
-    gt = di.gt_cascade(loss, traj, probe, step=1, hops=3, node_weights=q)
-    gt2 = di.gt_cascade(loss, traj, probe, step=1, hops=3, node_weights=q, batch_size=4)
+    gt = di.gt_cascade(loss, traj, probe, step=1, hops=3, node_weights=q, mode="dense")
+    gt2 = di.gt_cascade(loss, traj, probe, step=1, hops=3, node_weights=q, batch_size=4,
+                        mode="dense")
     np.testing.assert_allclose(gt2.matrix, gt.matrix, rtol=1e-12, atol=1e-16)
     assert bool(calls) == (not unrolled)
 

@@ -1,0 +1,140 @@
+"""The per-source options of the reach-restricted cascades: ``sources=``, chunks, memory
+budgets, ``mode="auto"``, the support-only proximal path, the network readings' sources and
+the alignment's sampled sources (split from ``test_reach.py`` so that the two files run on
+different test workers)."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import dicejax as dj
+from conftest import make_problem
+from dicejax import influence as di
+from dicejax.influence import budget, reach
+from test_reach import _close, _sparse_directed
+
+
+def test_sources_subset_and_chunks_give_the_same_scores(rng):
+    n, T = 12, 5
+    loss, params, batches, probe = make_problem(n=n, steps=T, model="tanh")
+    traj = dj.simulate(loss, params, batches, dj.topology.ring(n), optax.sgd(0.2))
+    full = {m: di.dice_gt(loss, traj, probe, 1, 2, mode=m) for m in ("reach", "dense")}
+    full_e = di.dice_e(loss, traj, probe, 1, 2, mode="dense")
+    idx = np.array([7, 2, 2, 11])
+    # (the dense cascades' chunks against their unchunked form: tests/test_influence.py)
+    for m, batch_size in (("reach", None), ("reach", 3), ("dense", None)):
+        _close(di.dice_gt(loss, traj, probe, 1, 2, sources=idx, mode=m,
+                          batch_size=batch_size), full[m][idx])
+        _close(di.dice_e(loss, traj, probe, 1, 2, sources=idx, mode=m,
+                         batch_size=batch_size), full_e[idx])
+    _close(full["reach"], full["dense"])
+    # a tiny budget forces one source per chunk: same numbers
+    nb = budget.node_bytes(traj.simulator, traj.node_state(0, 0),
+                           jax.tree.map(lambda x: x[0, 0], traj.batches), probe)
+    one = budget.source_bytes(nb, (1, 3, 5), kind="gt", degree=3)
+    _close(di.dice_gt(loss, traj, probe, 1, 2, memory_budget=one), full["reach"])
+    cas = di.gt_cascade(loss, traj, probe, 1, 2, sources=[4])
+    assert isinstance(cas, di.SparseCascade) and cas.total.shape == (1,)
+    assert cas.nodes[0].shape == (1, 3) and cas.nodes[0][0].tolist() == [3, 4, 5]
+
+
+def test_auto_mode_picks_reach_when_it_updates_fewer_nodes(rng):
+    loss, params, batches, probe = make_problem(n=12, steps=4)
+    ring = dj.simulate(loss, params, batches, dj.topology.ring(12))
+    assert isinstance(di.e_cascade(loss, ring, probe, 0, 2), di.SparseCascade)
+    assert isinstance(di.e_cascade(loss, ring, probe, 0, 3, mode="dense"), di.Cascade)
+    full = dj.simulate(loss, params, batches, dj.topology.complete(12))
+    assert isinstance(di.e_cascade(loss, full, probe, 0, 3), di.Cascade)
+    assert isinstance(di.e_cascade(loss, full, probe, 0, 3, mode="reach"), di.SparseCascade)
+    # one hop: only the source updates, whatever the graph
+    assert isinstance(di.e_cascade(loss, full, probe, 0, 1), di.SparseCascade)
+    assert reach.reach_is_cheaper((1, 5, 11, 16), 16, "e")
+    assert not reach.reach_is_cheaper((1, 16, 16, 16), 16, "e")
+
+
+def test_bad_sources_modes_and_budgets_raise_value_errors():
+    loss, params, batches, probe = make_problem(n=6, steps=3)
+    traj = dj.simulate(loss, params, batches, dj.topology.ring(6))
+    for bad in ([], [6], [-1], [[0, 1]], [0.5], "a"):
+        with pytest.raises(ValueError, match="sources"):
+            di.dice_e(loss, traj, probe, 0, sources=bad)
+    with pytest.raises(ValueError, match="mode"):
+        di.dice_gt(loss, traj, probe, 0, mode="fast")
+    for bad in (0, -5, float("nan"), "1GB", True):
+        with pytest.raises(ValueError, match="memory_budget"):
+            di.dice_gt(loss, traj, probe, 0, memory_budget=bad)
+    with pytest.raises(ValueError, match=r"memory_budget: one source of DICE-GT needs about"):
+        di.dice_gt(loss, traj, probe, 0, memory_budget=1000)
+    with pytest.raises(ValueError, match="batch_size"):
+        di.dice_e(loss, traj, probe, 0, batch_size=0)
+
+
+def test_budget_estimate_grows_with_the_reach_and_the_order():
+    nb = budget.NodeBytes(params=1000, opt_state=2000, model_state=0, activations=5000,
+                          probe=3000)
+    small = budget.source_bytes(nb, (1, 3, 5), kind="gt")
+    assert small < budget.source_bytes(nb, (1, 3, 9), kind="gt")
+    assert budget.source_bytes(nb, (1, 3, 5), kind="e") < budget.source_bytes(
+        nb, (1, 3, 5), kind="e", order=2)
+    assert budget.chunk_size(100, small, 10 * small, what="x") == 10
+    assert budget.chunk_size(5, small, 10 * small, what="x") == 5
+    assert budget.available_memory() > 0 and budget.default_budget() > 0
+
+
+def test_support_only_proximal_equals_the_dense_product(monkeypatch, rng):
+    import importlib
+
+    from test_simulator import _stateful_loss
+
+    prox_mod = importlib.import_module("dicejax.influence.proximal")  # the module, not the fn
+
+    n = 12
+    loss, params, batches, probe = make_problem(n=n, steps=4, model="tanh")
+    topo = dj.topology.from_matrix(_sparse_directed(n, rng, steps=2))
+    traj = dj.simulate(loss, params, batches, topo, optax.adam(0.05), mixing="sparse")
+    _, sp, sb, sprobe = make_problem(n=n, steps=4, model="softmax")
+    ms = {"mean": jnp.asarray(rng.normal(size=(n, 4)) * 0.3), "count": jnp.zeros((n,))}
+    stateful = [dj.simulate(_stateful_loss, sp, sb, topo, mixing="sparse", model_state=ms,
+                            gossip_model_state=g) for g in (False, True)]
+    dense = [di.proximal(loss, traj, probe, t) for t in (1, 2)]
+    dense += [di.proximal(_stateful_loss, tr, sprobe, 1) for tr in stateful]
+    monkeypatch.setattr(prox_mod, "SUPPORT_MIN_NODES", 0)
+    jax.clear_caches()
+    got = [di.proximal(loss, traj, probe, t) for t in (1, 2)]
+    got += [di.proximal(_stateful_loss, tr, sprobe, 1) for tr in stateful]
+    for a, b in zip(got, dense, strict=True):
+        _close(a, b)
+    jax.clear_caches()
+
+
+def test_network_readings_take_sources(rng):
+    n = 10
+    loss, params, batches, probe = make_problem(n=n, steps=4, model="tanh")
+    traj = dj.simulate(loss, params, batches, dj.topology.ring(n))
+    idx = np.array([9, 0, 4])
+    _close(di.dice_e_network(loss, traj, probe, 1, 2, sources=idx),
+           di.dice_e_network(loss, traj, probe, 1, 2)[idx])
+    _close(di.dice_gt_network(loss, traj, probe, 1, 2, sources=idx, mode="reach"),
+           di.dice_gt_network(loss, traj, probe, 1, 2, mode="dense")[idx])
+    with pytest.raises(ValueError, match="sources"):
+        di.dice_e_network(loss, traj, probe, 1, 2, sources=[n])
+
+
+def test_alignment_samples_sources_when_asked():
+    from dicejax.experiments.alignment import alignment, sample_sources
+    from dicejax.experiments.common import RunConfig
+
+    a = sample_sources(100, 7, 0, 3)
+    assert len(set(a.tolist())) == 7 and a.max() < 100 and np.all(np.diff(a) > 0)
+    np.testing.assert_array_equal(a, sample_sources(100, 7, 0, 3))
+    assert not np.array_equal(a, sample_sources(100, 7, 0, 4))
+    assert sample_sources(8, 8, 0, 0) is None
+    config = RunConfig(nodes=6, steps=4, eval_every=0, test_size=40, probe_size=16)
+    r = alignment(config, hops=1, num_steps=2, dtype=jnp.float32, sources_per_step=3)
+    assert r["pairs_per_hop"] == 2 * 3 and np.asarray(r["scores"]["gt"]).shape == (1, 2, 3)
+    with pytest.raises(ValueError, match="sources_per_step"):
+        alignment(config, hops=1, num_steps=2, sources_per_step=7)
