@@ -4,6 +4,7 @@ values, each against its brute-force twin of separate ``dj.simulate`` runs."""
 from __future__ import annotations
 
 import itertools
+import json
 import math
 
 import jax
@@ -15,6 +16,7 @@ import pytest
 import dicejax as dj
 from conftest import make_problem, random_stochastic
 from dicejax.apps import contribution as ct
+from dicejax.cli import main
 
 
 def objective(loss, params, probe, q):
@@ -212,3 +214,43 @@ def test_bad_input(four):
                              p["W"], record=False)
     with pytest.raises(ValueError, match="record"):
         ct.leave_one_out(loss, unrecorded, probe)
+
+
+TINY_MODEL = """
+import flax.linen as nn
+
+
+class Linear(nn.Module):
+    num_classes: int
+
+    @nn.compact
+    def __call__(self, x):
+        return nn.Dense(self.num_classes)(x.reshape((x.shape[0], -1)))
+
+
+def linear(num_classes):
+    return Linear(num_classes)
+"""
+
+
+def test_contribute_exact_command(tmp_path, capsys):
+    (tmp_path / "tiny_models.py").write_text(TINY_MODEL)  # a linear model compiles fast
+    out = tmp_path / "out"
+    argv = ["contribute", "--nodes", "4", "--batch", "8", "--steps", "3", "--eval-every", "0",
+            "--probe-size", "16", "--test-size", "48", "--permuted", "1", "--free-riders", "2",
+            "--no-proximal", "--exact", "--permutations", "4",
+            "--model", f"{tmp_path / 'tiny_models.py'}:linear", "--out", str(out)]
+    assert main(argv) == 0
+    printed = " ".join(capsys.readouterr().out.split())
+    assert "leave-one-out (nats)" in printed and "Shapley (nats)" in printed
+    assert "estimate vs leave-one-out: Pearson" in printed
+    r = json.loads((out / "contribute.json").read_text())
+    assert (out / "contribute_exact.png").stat().st_size > 0
+    loo, sv = np.asarray(r["leave_one_out"]), np.asarray(r["shapley"])
+    assert loo.shape == sv.shape == (4,)
+    assert np.asarray(r["leave_one_out_observers"]).shape == (4, 4)
+    assert loo[2] == 0.0 and sv[2] == 0.0  # the free-rider
+    np.testing.assert_allclose(r["influence"], -np.asarray(r["contribution"]))
+    assert r["shapley_permutations"] == 4 and not r["shapley_exact"]
+    assert set(r["agreement"]) == {"leave_one_out", "shapley"}
+    assert {"pearson", "spearman"} <= set(r["agreement"]["shapley"])
