@@ -51,7 +51,7 @@ def test_leave_one_out_data_mode_equals_separate_runs(five):
 
     def run(scale):
         tr = dj.simulate(loss, p["params"], p["batches"], p["W"], optimizer=p["opt"],
-                         update_scale=scale, record=False)
+                         update_scale=scale)  # the fixture's run compiled it
         return objective(loss, tr.final_params, probe, q)
 
     full, full_k = run(p["scale"])
@@ -109,15 +109,15 @@ def four():
     loss, params, batches, probe = make_problem(n=n, steps=T, model="tanh", seed=11)
     W = random_stochastic(n, np.random.default_rng(2))
     opt = optax.sgd(0.4)
-    traj = dj.simulate(loss, params, batches, W, optimizer=opt)
+    traj = dj.simulate(loss, params, batches, W, optimizer=opt, update_scale=np.ones((T, n)))
     q = np.full(n, 1.0 / n)
     coalitions = np.array(list(itertools.product([0, 1], repeat=n)), float)  # [16, n]
     v = {}
     for c in coalitions:
         tr = dj.simulate(loss, params, batches, W, optimizer=opt,
-                         update_scale=np.broadcast_to(c, (T, n)), record=False)
+                         update_scale=np.broadcast_to(c, (T, n)))
         v[tuple(int(x) for x in c)] = objective(loss, tr.final_params, probe, q)[0]
-    return dict(n=n, loss=loss, probe=probe, traj=traj, coalitions=coalitions, v=v, W=W)
+    return dict(n=n, loss=loss, probe=probe, traj=traj, coalitions=coalitions, v=v)
 
 
 def exact_values(v, n):
@@ -208,12 +208,12 @@ def test_bad_input(four):
     for fn, kwargs, name in cases:
         with pytest.raises(ValueError, match=name):
             fn(loss, traj, probe, **kwargs)
+    with pytest.raises(ValueError, match="traj"):
+        ct.leave_one_out(loss, {"not": "a trajectory"}, probe)
     with pytest.raises(ValueError, match="coalitions"):
         ct.coalition_values(loss, traj, probe, np.ones((2, 3)))
-    unrecorded = dj.simulate(loss, jax.tree.map(lambda x: x[0], traj.params), traj.batches,
-                             p["W"], record=False)
     with pytest.raises(ValueError, match="record"):
-        ct.leave_one_out(loss, unrecorded, probe)
+        ct.leave_one_out(loss, traj.replace(states=None), probe)  # as if record=False
 
 
 TINY_MODEL = """

@@ -301,6 +301,15 @@ def _final_losses(loss_fn, traj, probe, gates, removed, *, cut, batch_size):
     return map_sources(one, (gates, removed), batch_size, unroll=False)
 
 
+def _query(loss_fn: LossFn, traj: Any, probe: PyTree, node_weights: Any) -> jax.Array:
+    """Validates a whole-run query (:func:`~dicejax.influence.rerun.check_query` over every
+    step); returns ``q`` ``[n]`` in the trajectory's float dtype."""
+    if not isinstance(traj, Trajectory):
+        raise ValueError(f"traj: must be a Trajectory from dicejax.simulate, got {type(traj)}")
+    q = check_query(traj, probe, 0, traj.num_steps, node_weights, loss_fn)
+    return q.astype(float_dtype(traj))
+
+
 def _check_batch_size(batch_size: Any) -> int | None:
     if batch_size is None:
         return None
@@ -398,9 +407,11 @@ def leave_one_out(loss_fn: LossFn, traj: Trajectory, probe: PyTree, *,
         raise ValueError(f"observers: must be a bool, got {observers!r}")
     batch_size = _check_batch_size(batch_size)
     check_budget(memory_budget)
-    q = check_query(traj, probe, 0, traj.num_steps, node_weights, loss_fn)
+    q = _query(loss_fn, traj, probe, node_weights)
     n = traj.num_nodes
-    q = q.astype(float_dtype(traj))
+    if mode == "node" and jnp.shape(getattr(traj.mixer, "matrices", None))[1:] != (n, n):
+        raise ValueError("traj: mode='node' needs the run's per-step matrices [P, n, n] "
+                         "(mixer.matrices); re-run a sharded run without a mesh")
     if mode == "data":
         gates = np.vstack([np.ones((1, n)), 1 - np.eye(n)])
         losses = _losses(loss_fn, traj, probe, gates, None, batch_size=batch_size,
@@ -460,11 +471,11 @@ def coalition_values(loss_fn: LossFn, traj: Trajectory, probe: PyTree, coalition
         raise ValueError(f"observers: must be a bool, got {observers!r}")
     batch_size = _check_batch_size(batch_size)
     check_budget(memory_budget)
-    q = check_query(traj, probe, 0, traj.num_steps, node_weights, loss_fn)
+    q = _query(loss_fn, traj, probe, node_weights)
     c = _check_coalitions(coalitions, traj.num_nodes)
     losses = _losses(loss_fn, traj, probe, c, None, batch_size=batch_size,
                      memory_budget=memory_budget)
-    return losses if observers else losses @ q.astype(losses.dtype)
+    return losses if observers else losses @ q
 
 
 def _stderr(samples: np.ndarray) -> np.ndarray:
@@ -559,8 +570,7 @@ def shapley(loss_fn: LossFn, traj: Trajectory, probe: PyTree, *, num_permutation
                          f"pairs), got {round_size}")
     batch_size = _check_batch_size(batch_size)
     check_budget(memory_budget)
-    q = check_query(traj, probe, 0, traj.num_steps, node_weights, loss_fn)
-    q = q.astype(float_dtype(traj))
+    q = _query(loss_fn, traj, probe, node_weights)
     n = traj.num_nodes
 
     def values_of(masks):
@@ -634,8 +644,7 @@ def banzhaf(loss_fn: LossFn, traj: Trajectory, probe: PyTree, *, num_samples: in
     seed = _check_seed(seed)
     batch_size = _check_batch_size(batch_size)
     check_budget(memory_budget)
-    q = check_query(traj, probe, 0, traj.num_steps, node_weights, loss_fn)
-    q = q.astype(float_dtype(traj))
+    q = _query(loss_fn, traj, probe, node_weights)
     n = traj.num_nodes
     exact = n <= 20 and 2 ** n <= num_samples
     if exact:
