@@ -58,6 +58,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    "(e.g. exponential:4096)")
     p.add_argument("--timeout", type=float, default=900.0, help="seconds per subprocess")
     p.add_argument("--budget-check", action="store_true")
+    p.add_argument("--budget-nodes", type=int, default=1024,
+                   help="ring size of --budget-check (chunks of n/16, n/4 and n sources)")
     p.add_argument("--out", default=str(RESULTS_DIR / "bench_reach.json"))
     p.add_argument("--merge", nargs="+", metavar="JSON",
                    help="combine the rows of earlier runs (result or .partial.json files) "
@@ -192,34 +194,70 @@ def exponents(rows: list[dict], lo: int = 256) -> dict:
     return out
 
 
+def markdown(rows: list[dict]) -> str:
+    """One table per graph: ``seconds / peak GiB`` of every function at every ``n``."""
+    lines = []
+    for g in sorted({r["graph"] for r in rows}, key=GRAPHS.index):
+        fns = [f for f in FUNCTIONS if any(r["graph"] == g and r["function"] == f for r in rows)]
+        lines += [f"**{g}**", "", "| n | " + " | ".join(f"`{f}`" for f in fns) + " | load |",
+                  "|---|" + "---|" * (len(fns) + 1)]
+        for n in sorted({r["n"] for r in rows if r["graph"] == g}):
+            cells, loads = [], []
+            for f in fns:
+                hit = [r for r in rows if (r["graph"], r["n"], r["function"]) == (g, n, f)]
+                if not hit:
+                    cells.append("—")
+                elif "seconds" in hit[0]:
+                    r = hit[0]
+                    cells.append(f"{r['seconds']:.1f} s, {r['peak_rss_bytes'] / 2**30:.1f} GiB")
+                    loads.append(r["load_before"][0])
+                else:
+                    cells.append(hit[0]["error"][:40])
+            load = f"{min(loads):.1f}–{max(loads):.1f}" if loads else "—"
+            lines.append(f"| {n:,} | " + " | ".join(cells) + f" | {load} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
 def figure(rows: list[dict], path: Path) -> Path:
+    """Log-log time against ``n``, one panel per graph, one legend for every function."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import NullFormatter
 
     graphs = sorted({r["graph"] for r in rows}, key=GRAPHS.index)
-    fig, axes = plt.subplots(1, len(graphs), figsize=(4.2 * len(graphs), 4.0), sharey=True,
-                             squeeze=False, constrained_layout=True)
+    fig, axes = plt.subplots(1, len(graphs), figsize=(3.6 * len(graphs) + 1.0, 4.0),
+                             sharey=True, squeeze=False, constrained_layout=True)
+    handles = {}
     for ax, g in zip(axes[0], graphs, strict=True):
         for i, fn in enumerate(FUNCTIONS):
             pts = sorted((r["n"], r["seconds"]) for r in rows
                          if r["graph"] == g and r["function"] == fn and "seconds" in r)
             if pts:
-                ax.plot(*zip(*pts, strict=True), marker="o", color=f"C{i}", label=fn)
+                (handles[fn],) = ax.plot(*zip(*pts, strict=True), marker="o", color=f"C{i}",
+                                         label=fn)
+        ns = sorted({r["n"] for r in rows if r["graph"] == g})
         ax.set(xscale="log", yscale="log", xlabel="nodes n", title=g)
+        ax.set_xticks(ns, [f"{n:,}" for n in ns])
+        ax.xaxis.set_minor_formatter(NullFormatter())
+        ax.set_xlim(ns[0] / 1.6, ns[-1] * 1.6)
         ax.grid(True, which="both", alpha=0.3)
     axes[0][0].set_ylabel("seconds (first call, compilation included)")
-    axes[0][-1].legend(fontsize=7, loc="upper left")
-    fig.suptitle(f"DICE at scale: digits MLP, T={STEPS}, step {SOURCE_STEP}, hops={HOPS}, "
-                 "float32, all sources (2-core CPU)", fontsize=10)
+    fig.legend([handles[f] for f in FUNCTIONS if f in handles],
+               [f for f in FUNCTIONS if f in handles], loc="outside right center", fontsize=8)
+    loads = [r["load_before"][0] for r in rows if "load_before" in r]
+    fig.suptitle(f"DICE at scale, all sources: digits MLP, T={STEPS}, step {SOURCE_STEP}, "
+                 f"hops={HOPS}, float32; 2-core CPU, load {min(loads):.1f}–{max(loads):.1f}",
+                 fontsize=10)
     fig.savefig(path, dpi=130)
     plt.close(fig)
     return path
 
 
 def budget_check(args) -> list[dict]:
-    """The per-source estimate against measured memory (ring, n = 1,024).
+    """The per-source estimate against measured memory (ring, ``--budget-nodes`` nodes).
 
     For chunks of ``k`` sources (``batch_size=k``, one subprocess each), the bytes the call
     adds to the process's peak (``ru_maxrss`` after it minus before it) against
@@ -228,8 +266,9 @@ def budget_check(args) -> list[dict]:
     """
     rows = []
     for fn in ("dice_gt", "dice_e", "dice_e2"):
-        for k in (64, 256, 1024):
-            cmd = [sys.executable, __file__, "--one", "ring", "1024", fn, "--batch-size",
+        n = args.budget_nodes
+        for k in (n // 16, n // 4, n):
+            cmd = [sys.executable, __file__, "--one", "ring", str(n), fn, "--batch-size",
                    str(k)]
             out = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout)
             row = json.loads(out.stdout.strip().splitlines()[-1])
@@ -279,6 +318,7 @@ def main(args) -> int:
         result["exponents_from_256"] = exponents(result["rows"])
         for key, value in result["exponents_from_256"].items():
             print(f"exponent {key:36s} {value:5.2f}")
+        print(markdown(result["rows"]))
         print(f"figure {figure(result['rows'], Path(args.out).with_suffix('.png'))}")
     result["load_end"] = load_average()
     out = Path(args.out)
