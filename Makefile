@@ -5,7 +5,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 OUT    ?= results
 
-.PHONY: demo test lint bench venv clean
+.PHONY: demo test test-slow lint bench venv clean
 
 $(BIN)/dicejax: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -21,9 +21,15 @@ demo: venv
 	$(BIN)/dicejax align --dataset digits --nodes 16 --topology exponential --model mlp \
 	    --lr 0.1 --batch 16 --steps 100 --hops 3 --num-steps 20 --out $(OUT)/align
 
+# The test suite: ruff and every test not marked slow (brute-force twins of every formula).
 test: venv
 	$(BIN)/ruff check src tests benchmarks
-	$(BIN)/python -m pytest -q -n 2 --dist loadfile
+	$(BIN)/python -m pytest -q -n 2 --dist worksteal -m "not slow"
+
+# The end-to-end tier CI runs after `make test`: tests marked slow (CLI runs, soak and
+# multi-process runs, the README's code blocks) and the six notebooks at the small scale.
+test-slow: venv
+	$(BIN)/python -m pytest -q -n 2 --dist worksteal -m slow
 	DICEJAX_NOTEBOOK_SMALL=1 $(BIN)/python -m pytest -q -n 2 --nbmake notebooks
 
 lint: venv

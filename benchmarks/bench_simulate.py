@@ -107,18 +107,18 @@ class Case:
     info: dict = field(default_factory=dict)
 
 
-def make_model(name: str):
+def make_model(name: str, conv: str = "auto"):
     if name == "mlp":
         return dj.models.get_model("mlp", NUM_CLASSES, hidden=(128,))
     if name == "cnn":
-        return dj.models.get_model("cnn", NUM_CLASSES)
+        return dj.models.get_model("cnn", NUM_CLASSES, conv=conv)
     raise ValueError(f"--models: unknown model {name!r} (mlp, cnn)")
 
 
 def make_case(model_name: str, n: int, steps: int, batch: int, lr: float, seed: int,
-              device: str) -> Case:
+              device: str, conv: str = "auto") -> Case:
     """Builds the problem; the same initial weights and batches for every method."""
-    model = make_model(model_name)
+    model = make_model(model_name, conv)
     params = dj.models.init_params(model, jax.random.PRNGKey(seed), INPUT_SHAPE, num_nodes=n)
     rng = np.random.default_rng(seed)
     x = rng.standard_normal((steps, n, batch, *INPUT_SHAPE), dtype=np.float32)
@@ -345,6 +345,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                    help="float32 products on a GPU: full float32 in both frameworks "
                         "(default) or TensorFloat-32 in both; no effect on the CPU")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--conv", default="auto", choices=list(dj.models.CONV_IMPLS),
+                   help="the CNN's convolutions (dicejax.models.CNN(conv=...)): auto "
+                        "(patches on the CPU), xla (lax.conv_general_dilated) or patches")
     p.add_argument("--quick", action="store_true",
                    help="smoke test: mlp and cnn at n=4, T=4, 1 repeat")
     p.add_argument("--out", type=Path, default=DEFAULT_OUT)
@@ -471,7 +474,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                      and not (k == "compiled" and n > args.compiled_max_nodes)]
             steps = args.steps or auto_steps(model, n, args.min_steps, args.max_steps)
             case = make_case(model, n, steps, args.batch, args.lr,
-                             args.seed, args.device)
+                             args.seed, args.device, args.conv)
             case.steps = steps
             case.info["steps"] = steps
             row = run_case(case, names, args, lambda s: console.print(s, highlight=False))

@@ -10,6 +10,18 @@ import os
 # subprocesses the tests start inherit it. Results agree to rounding (the tolerances).
 os.environ.setdefault("XLA_FLAGS", "--xla_backend_optimization_level=0")
 
+# Many tests build equal programs from fresh closures (every `simulate` call, every CLI
+# subprocess, both test workers): JAX's persistent cache is keyed on the compiled module,
+# so each distinct program compiles once per cache. The cache lives beside the other pytest
+# state (ignored by git); `DICEJAX_TEST_COMPILE_CACHE=0` turns it off, and a fresh clone
+# starts with it empty (that is how the suite's time is measured).
+if os.environ.get("DICEJAX_TEST_COMPILE_CACHE", "1") != "0":
+    _cache = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                          ".pytest_cache", "jax-compile")
+    os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", _cache)
+    os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.2")
+    os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
+
 import jax
 import jax.numpy as jnp
 import numpy as np

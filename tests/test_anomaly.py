@@ -238,6 +238,7 @@ def cli_run(tmp_path_factory):
     return out, strict_load(out / "detect.json")
 
 
+@pytest.mark.slow
 def test_label_permuting_attacker_is_caught(cli_run):
     _, result = cli_run
     assert result["seeds"] == [0, 1]
@@ -257,6 +258,7 @@ def test_label_permuting_attacker_is_caught(cli_run):
     assert result["roc_auc"]["mean"] >= 0.97
 
 
+@pytest.mark.slow
 def test_detect_writes_json_and_figure(cli_run, capsys):
     out, result = cli_run
     assert (out / "detect_roc.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

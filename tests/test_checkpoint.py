@@ -50,7 +50,8 @@ def interrupt_after(chunks: int):
     return callback
 
 
-@pytest.mark.parametrize(("opt_name", "every", "evaluate"), [("sgd", 1, True), ("adam", 2, False)])
+@pytest.mark.parametrize(("opt_name", "every", "evaluate"), [
+    pytest.param("sgd", 1, True, marks=pytest.mark.slow), ("adam", 2, False)])
 def test_resume_is_bit_identical_to_uninterrupted_simulate(tmp_path, opt_name, every, evaluate):
     loss, params, batches, probe = make_problem(n=4, steps=12, model="tanh")
     topo, opt = TOPO, {"sgd": SGD, "adam": ADAM}[opt_name]

@@ -78,6 +78,7 @@ def test_train_writes_json_with_provenance_and_figure(tmp_path, capsys):
     assert "loss (nats)" in printed  # units in the table
 
 
+@pytest.mark.slow
 def test_align_writes_json_and_named_figures(tmp_path, capsys):
     out = tmp_path / "align"
     argv = ["align", *TINY, "--steps", "6", "--hops", "2", "--num-steps", "2",
@@ -102,6 +103,7 @@ def test_align_writes_json_and_named_figures(tmp_path, capsys):
     assert "DICE-E vs DICE-GT" in printed and "align.json" in printed
 
 
+@pytest.mark.slow
 def test_align_checkpoint_dir_resumes_scored_steps(tmp_path, capsys):
     out, ck = tmp_path / "align", tmp_path / "ck"
     argv = ["align", *TINY, "--steps", "6", "--hops", "2", "--num-steps", "2",

@@ -63,6 +63,7 @@ def test_unwritable_out_is_refused_before_training(tmp_path):
     assert took < 60  # 100,000 steps would take minutes
 
 
+@pytest.mark.slow
 def test_divergence_is_one_line_with_step_node_and_hint(tmp_path):
     done = dicejax("train", *TINY, "--steps", "40", "--lr", "1000", "--out", str(tmp_path))
     assert done.returncode == 3, done.stderr
@@ -73,6 +74,7 @@ def test_divergence_is_one_line_with_step_node_and_hint(tmp_path):
     assert not (tmp_path / "train.json").exists()
 
 
+@pytest.mark.slow
 def test_ctrl_c_stops_with_where_and_how_to_resume(tmp_path):
     ck = tmp_path / "ck"
     env = {**os.environ, "COLUMNS": "200"}
@@ -103,6 +105,7 @@ def test_ctrl_c_stops_with_where_and_how_to_resume(tmp_path):
 
 
 @pytest.mark.timeout(300)
+@pytest.mark.slow
 def test_resume_message_and_a_finished_run_rerun(tmp_path, capsys):
     from dicejax.cli import main
 

@@ -45,6 +45,7 @@ def test_result_store_refuses_another_experiment_and_ignores_damage(tmp_path):
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
 
 
+@pytest.mark.slow
 def test_detect_single_seed_then_resumes_with_the_next_seed(tmp_path, capsys):
     out, ck = tmp_path / "out", tmp_path / "ck"
     argv = ["detect", *TINY, "--steps", "10", "--window", "4", "--seeds", "1",
@@ -63,6 +64,7 @@ def test_detect_single_seed_then_resumes_with_the_next_seed(tmp_path, capsys):
     assert drop_times(load(out / "detect.json")) == drop_times(first)
 
 
+@pytest.mark.slow
 def test_contribute_resumes_after_training(tmp_path):
     out, ck = tmp_path / "out", tmp_path / "ck"
     argv = ["contribute", *TINY, "--steps", "4", "--permuted", "1", "--free-riders", "2",
@@ -75,6 +77,7 @@ def test_contribute_resumes_after_training(tmp_path):
     assert drop_times(load(out / "contribute.json")) == drop_times(first)
 
 
+@pytest.mark.slow
 def test_topo_opt_resumes_with_the_next_seed(tmp_path):
     out, ck = tmp_path / "out", tmp_path / "ck"
     argv = ["topo-opt", *TINY, "--steps", "4", "--eval-every", "2", "--seeds", "2",
@@ -87,6 +90,7 @@ def test_topo_opt_resumes_with_the_next_seed(tmp_path):
     assert drop_times(load(out / "topo_opt.json")) == drop_times(first)
 
 
+@pytest.mark.slow
 def test_rewire_resumes_with_the_next_arm(tmp_path):
     out, ck = tmp_path / "out", tmp_path / "ck"
     argv = ["rewire", *TINY, "--steps", "6", "--period", "3", "--seeds", "1",

@@ -54,6 +54,7 @@ def test_from_attribution_and_reciprocity():
     assert ct.from_attribution(a).reciprocity is None
 
 
+@pytest.mark.slow
 def test_ledger_consistency_with_trajectory_attribution(rng):
     n, T = 4, 5
     loss, params, batches, probe = make_problem(n=n, steps=T, model="tanh", seed=3)
@@ -111,6 +112,7 @@ TINY = ["--nodes", "8", "--steps", "30", "--eval-every", "0", "--probe-size", "6
         "--test-size", "200"]
 
 
+@pytest.mark.slow
 def test_contribute_command_corrupted_nodes_get_lower_shares(tmp_path):
     from dicejax.commands import contribute
 
@@ -138,6 +140,7 @@ def test_contribution_run_rejects_overlap():
         contribution_run(RunConfig(nodes=4, steps=2), [1], [1])
 
 
+@pytest.mark.slow
 def test_cascade_command_shapes_and_spearman(tmp_path):
     from dicejax.commands import cascade
 

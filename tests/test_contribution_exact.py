@@ -233,6 +233,7 @@ def linear(num_classes):
 """
 
 
+@pytest.mark.slow
 def test_contribute_exact_command(tmp_path, capsys):
     (tmp_path / "tiny_models.py").write_text(TINY_MODEL)  # a linear model compiles fast
     out = tmp_path / "out"

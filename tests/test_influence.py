@@ -36,7 +36,7 @@ def _run(kind="directed", opt=None, n=5, steps=6, seed=0, lr=0.3, update_scale=N
 
 @pytest.mark.parametrize("kind", ["directed", "time_varying"])
 @pytest.mark.parametrize("opt_name", ["sgd", "adam"])
-@pytest.mark.parametrize("hops", [1, 3])
+@pytest.mark.parametrize("hops", [1, pytest.param(3, marks=pytest.mark.slow)])
 def test_dice_gt_equals_explicit_counterfactual_reruns(kind, opt_name, hops):
     opt = optax.sgd(0.3) if opt_name == "sgd" else optax.adam(0.05)
     loss, traj, probe, q = _run(kind, opt)
@@ -79,6 +79,7 @@ def test_dice_e_sgd_equals_theorem1_walk_enumeration(kind, order, direct):
     np.testing.assert_allclose(got, expect, rtol=RTOL, atol=1e-14)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("unrolled", [True, False])
 def test_source_chunks_give_the_same_cascades(unrolled, monkeypatch):
     """batch_size: chunks unrolled in one program, or (past the limit) a lax.map loop."""
@@ -105,6 +106,7 @@ def test_source_chunks_give_the_same_cascades(unrolled, monkeypatch):
     assert bool(calls) == (not unrolled)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("dense_rerun", [True, False])
 def test_sparse_gossip_runs_give_the_same_influence(dense_rerun, monkeypatch):
     """A run gossiped through the neighbour list scores like the dense run of the same W."""
@@ -126,6 +128,7 @@ def test_sparse_gossip_runs_give_the_same_influence(dense_rerun, monkeypatch):
         np.testing.assert_allclose(got, expect, rtol=1e-9, atol=1e-15)
 
 
+@pytest.mark.slow
 def test_long_cascades_run_as_a_loop_with_the_same_values(monkeypatch):
     """Past MAX_UNROLLED_HOPS the re-run is a lax.scan loop; the numbers do not change."""
     from dicejax.influence import rerun as rerun_mod
@@ -139,7 +142,7 @@ def test_long_cascades_run_as_a_loop_with_the_same_values(monkeypatch):
     np.testing.assert_allclose(looped.direct, unrolled.direct, rtol=1e-12, atol=1e-16)
 
 
-@pytest.mark.parametrize("opt_name", ["adam", "momentum"])
+@pytest.mark.parametrize("opt_name", [pytest.param("adam", marks=pytest.mark.slow), "momentum"])
 def test_e_cascade_matrix_equals_dense_jacobian_products(opt_name):
     opt = optax.adam(0.05) if opt_name == "adam" else optax.sgd(0.1, momentum=0.9)
     loss, traj, probe, q = _run("time_varying", opt, n=4, steps=6)
@@ -202,6 +205,7 @@ def test_shells_match_bfs(rng):
             assert not got[s, j, j]
 
 
+@pytest.mark.slow
 def test_estimate_converges_to_ground_truth_for_small_steps():
     """DICE-E is the first-order expansion of DICE-GT: error shrinks faster than the score."""
     errors = []
@@ -258,6 +262,7 @@ def test_influence_bad_inputs():
         di.dice_e(loss, bad, probe, step=1, hops=1)
 
 
+@pytest.mark.slow
 def test_influence_works_in_float32():
     with jax.enable_x64(False):
         loss, params, batches, probe = make_problem(n=4, steps=3, model="tanh")

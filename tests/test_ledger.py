@@ -20,7 +20,9 @@ def _traj(opt, n=4, steps=5, seed=3):
     return loss, dj.simulate(loss, params, batches, W, optimizer=opt), probe
 
 
-@pytest.mark.parametrize("opt", [optax.sgd(0.3), optax.adam(0.05)], ids=["sgd", "adam"])
+@pytest.mark.parametrize("opt", [optax.sgd(0.3),
+                                 pytest.param(optax.adam(0.05), marks=pytest.mark.slow)],
+                         ids=["sgd", "adam"])
 def test_trajectory_attribution_equals_adjoint_at_every_horizon(opt):
     loss, traj, probe = _traj(opt)
     q = np.array([0.1, 0.2, 0.3, 0.4])
@@ -45,6 +47,7 @@ def test_trajectory_attribution_last_step_matches_ground_truth_for_small_lr():
     np.testing.assert_allclose(A[4], gt, rtol=2e-2)
 
 
+@pytest.mark.slow
 def test_ledger_equals_per_step_calls():
     loss, traj, probe = _traj(optax.adam(0.05), steps=6)
     led = di.ledger(loss, traj, probe, hops=2, stride=2)
@@ -63,7 +66,7 @@ def test_ledger_equals_per_step_calls():
         di.ledger(loss, traj, probe, stride=0)
 
 
-@pytest.mark.parametrize("hops", [1, 2])
+@pytest.mark.parametrize("hops", [pytest.param(1, marks=pytest.mark.slow), 2])
 def test_per_sample_scores_sum_to_batch_score_and_match_walks(hops):
     lr = 0.3
     loss, traj, probe = _traj(optax.sgd(lr), steps=4)

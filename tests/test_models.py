@@ -289,3 +289,72 @@ def test_validation_errors():
     with pytest.raises(ValueError, match="batch"):
         params = models.init_params(models.MLP(), jax.random.key(0), (8, 8, 1))
         models.make_loss_fn(models.MLP())(params, {"x": jnp.zeros((2, 8, 8, 1))})
+
+
+# ------------------------------------------------------------------------------------------
+# Convolutions as patches (the CPU default) against lax.conv_general_dilated, float64
+# ------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kernel,strides,padding", [
+    ((3, 3), (1, 1), "SAME"), ((3, 3), (2, 2), "SAME"), ((1, 1), (2, 2), "SAME"),
+    ((3, 3), (1, 1), "VALID"), ((2, 3), (1, 2), ((1, 0), (2, 1))), ((3, 3), (2, 1), "SAME"),
+])
+def test_conv_patches_equals_lax_conv_with_gradients(kernel, strides, padding):
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.normal(size=(2, 7, 6, 3)), jnp.float64)
+    k = jnp.asarray(rng.normal(size=(*kernel, 3, 4)), jnp.float64)
+    dn = jax.lax.conv_dimension_numbers(x.shape, k.shape, ("NHWC", "HWIO", "NHWC"))
+
+    def conv(fn, x, k):
+        return fn(x, k, strides, padding, dimension_numbers=dn)
+
+    ref = conv(jax.lax.conv_general_dilated, x, k)
+    out = conv(models.conv_patches, x, k)
+    assert out.shape == ref.shape
+    np.testing.assert_allclose(out, ref, rtol=1e-12, atol=1e-12)
+    cot = jnp.asarray(rng.normal(size=ref.shape))
+    g_ref = jax.grad(lambda x, k: jnp.sum(cot * conv(jax.lax.conv_general_dilated, x, k)),
+                     (0, 1))(x, k)
+    g_out = jax.grad(lambda x, k: jnp.sum(cot * conv(models.conv_patches, x, k)), (0, 1))(x, k)
+    for a, b in zip(g_out, g_ref):
+        np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-12)
+
+
+def test_conv_patches_falls_back_for_groups_and_dilation():
+    rng = np.random.default_rng(1)
+    x = jnp.asarray(rng.normal(size=(1, 6, 6, 4)), jnp.float64)
+    k = jnp.asarray(rng.normal(size=(3, 3, 2, 4)), jnp.float64)
+    dn = jax.lax.conv_dimension_numbers(x.shape, k.shape, ("NHWC", "HWIO", "NHWC"))
+    for kw in ({"feature_group_count": 2}, {"rhs_dilation": (2, 2), "feature_group_count": 2}):
+        np.testing.assert_array_equal(
+            models.conv_patches(x, k, (1, 1), "SAME", dimension_numbers=dn, **kw),
+            jax.lax.conv_general_dilated(x, k, (1, 1), "SAME", dimension_numbers=dn, **kw))
+
+
+@pytest.mark.parametrize("name,kwargs,shape", [("cnn", {}, (12, 12, 1)),
+                                               ("resnet18", {"width": 4}, (8, 8, 3))])
+def test_models_patches_equal_xla_convs_under_node_vmap(name, kwargs, shape):
+    # The whole model, node-vmapped as the simulator runs it: loss and every gradient leaf.
+    xla = models.get_model(name, 10, conv="xla", **kwargs)
+    patches = models.get_model(name, 10, conv="patches", **kwargs)
+    params = models.init_params(xla, jax.random.key(0), shape, num_nodes=2, dtype=jnp.float64)
+    batch = _batch(2, shape, batch_size=3, lead=(2,))
+    batch = {"x": batch["x"].astype(jnp.float64), "y": batch["y"]}
+    vg = [jax.vmap(jax.value_and_grad(models.make_loss_fn(m))) for m in (xla, patches)]
+    (l_ref, g_ref), (l_out, g_out) = (f(params, batch) for f in vg)
+    np.testing.assert_allclose(l_out, l_ref, rtol=1e-12)
+    for a, b in zip(jax.tree.leaves(g_out), jax.tree.leaves(g_ref)):
+        np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-12)
+
+
+def test_conv_choice_is_automatic_and_validated():
+    assert models.resolve_conv("auto") == ("patches" if jax.default_backend() == "cpu"
+                                           else "xla")
+    assert models.resolve_conv("xla") == "xla"
+    with pytest.raises(ValueError, match="conv must be one of"):
+        models.resolve_conv("im2col")
+    with pytest.raises(ValueError, match="conv must be one of"):
+        models.get_model("cnn", 10, conv="fast")
+    with pytest.raises(ValueError, match="conv must be one of"):
+        models.init_params(models.CNN(conv="fast"), jax.random.key(0), (8, 8, 1))

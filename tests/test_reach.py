@@ -58,6 +58,7 @@ def _assert_same_cascade(sparse, dense, n):
         _close(sparse.network(h), dense.network(h))
 
 
+@pytest.mark.slow  # the fast tier keeps test_reach_equals_explicit_reruns_and_walks
 @pytest.mark.parametrize(("graph", "opt"), [("ring", "sgd"), ("directed", "adam"),
                                             ("time_varying", "momentum"), ("one_peer", "sgd")])
 def test_reach_equals_dense_for_every_estimator(graph, opt, rng):
@@ -97,6 +98,7 @@ def test_reach_equals_explicit_reruns_and_walks(rng):
     np.testing.assert_allclose(e.total, want_e, rtol=1e-9, atol=1e-14)
 
 
+@pytest.mark.slow
 def test_reach_with_model_state_and_keys_equals_dense(rng):
     from test_simulator import _dropout_loss, _stateful_loss
 

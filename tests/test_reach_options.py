@@ -18,6 +18,7 @@ from dicejax.influence import budget, reach
 from test_reach import _close, _sparse_directed
 
 
+@pytest.mark.slow
 def test_sources_subset_and_chunks_give_the_same_scores(rng):
     n, T = 12, 5
     loss, params, batches, probe = make_problem(n=n, steps=T, model="tanh")
@@ -42,6 +43,7 @@ def test_sources_subset_and_chunks_give_the_same_scores(rng):
     assert cas.nodes[0].shape == (1, 3) and cas.nodes[0][0].tolist() == [3, 4, 5]
 
 
+@pytest.mark.slow
 def test_auto_mode_picks_reach_when_it_updates_fewer_nodes(rng):
     loss, params, batches, probe = make_problem(n=12, steps=4)
     ring = dj.simulate(loss, params, batches, dj.topology.ring(12))
@@ -124,6 +126,7 @@ def test_network_readings_take_sources(rng):
         di.dice_e_network(loss, traj, probe, 1, 2, sources=[n])
 
 
+@pytest.mark.slow
 def test_alignment_samples_sources_when_asked():
     from dicejax.experiments.alignment import alignment, sample_sources
     from dicejax.experiments.common import RunConfig

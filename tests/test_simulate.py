@@ -115,7 +115,7 @@ def test_second_call_with_equal_shapes_does_not_recompile():
     assert len(traces) == first, "second call with equal shapes re-traced the step"
 
 
-@pytest.mark.parametrize("record", [True, False])
+@pytest.mark.parametrize("record", [pytest.param(True, marks=pytest.mark.slow), False])
 def test_chunked_runs_equal_one_scan_bitwise(record):
     loss, params, batches, _ = make_problem(n=4, steps=10, model="tanh")
     topo = dj.topology.one_peer_exponential(4)

@@ -34,7 +34,7 @@ def _assert_trees_close(a, b, rtol=1e-12, atol=1e-14):
 # --------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("method", ["dense", "sparse"])
+@pytest.mark.parametrize("method", [pytest.param("dense", marks=pytest.mark.slow), "sparse"])
 def test_simulate_equals_run_bit_for_bit(method, rng):
     loss, params, batches, probe = make_problem(n=9, steps=6, model="tanh")
     topo = dj.topology.ring(9)
@@ -342,6 +342,7 @@ def test_dropout_keys_per_node_and_step_and_influence_replays_them(rng):
 # --------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("gossip", [False, True])
 def test_model_state_local_or_gossiped_equals_explicit_loop_and_influence(gossip, rng):
     _, params, batches, probe = make_problem(n=4, steps=5, model="softmax")
@@ -380,6 +381,7 @@ def test_model_state_local_or_gossiped_equals_explicit_loop_and_influence(gossip
         di.dice_e_network(_stateful_loss, traj, probe, 1, 4), rtol=1e-10, atol=1e-15)
 
 
+@pytest.mark.slow
 def test_flax_batchnorm_with_dropout_through_simulate_run_and_influence(rng):
     """A flax model with BatchNorm statistics (model state) and dropout (keys): training mode
     when a key is given, evaluation mode (running averages) when the key is None."""
@@ -425,6 +427,7 @@ def test_flax_batchnorm_with_dropout_through_simulate_run_and_influence(rng):
     assert np.corrcoef(gt, est)[0, 1] > 0.9  # small steps: the estimate tracks the exact one
 
 
+@pytest.mark.slow
 def test_deprecated_names_warn_and_equal_their_replacements(rng):
     from dicejax import topology_opt as to
     from dicejax.apps import contribution as ct

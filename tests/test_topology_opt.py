@@ -200,6 +200,7 @@ def test_optimizer_decreases_the_objective():
 # ---- experiment and CLI --------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_topo_opt_command_writes_json_and_figures(tmp_path, capsys):
     from dicejax.cli import _config, _run_args
     from dicejax.commands import topo_opt

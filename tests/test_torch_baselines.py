@@ -21,6 +21,7 @@ import optax
 import pytest
 
 torch = pytest.importorskip("torch")
+pytestmark = pytest.mark.slow  # the benchmarks' baselines: CI runs them with `make test-slow`
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 

@@ -26,13 +26,16 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from jax import lax
 
 from dicejax.simulator import replicate
 
 __all__ = [
     "CNN",
+    "CONV_IMPLS",
     "MLP",
     "ResNet18",
+    "conv_patches",
     "flops_per_example",
     "get_model",
     "init_params",
@@ -42,6 +45,7 @@ __all__ = [
     "make_loss_fn",
     "num_params",
     "replicate",
+    "resolve_conv",
 ]
 
 PyTree = Any
@@ -73,7 +77,84 @@ def _dense(features: int) -> nn.Dense:
     return nn.Dense(features, kernel_init=_lecun_normal)
 
 
-def _conv(features: int, kernel: int, strides: int = 1, use_bias: bool = True) -> nn.Conv:
+CONV_IMPLS = ("auto", "xla", "patches")
+
+
+def conv_patches(
+    lhs: jax.Array,
+    rhs: jax.Array,
+    window_strides: Sequence[int],
+    padding: str | Sequence[tuple[int, int]],
+    lhs_dilation: Sequence[int] | None = None,
+    rhs_dilation: Sequence[int] | None = None,
+    dimension_numbers: Any = None,
+    feature_group_count: int = 1,
+    precision: Any = None,
+    **kwargs: Any,
+) -> jax.Array:
+    """A 2-D convolution as patch extraction and one matrix product (im2col).
+
+    A drop-in for ``lax.conv_general_dilated`` (flax's ``nn.Conv(conv_general_dilated=...)``)
+    for the layout flax uses, ``lhs [B, H, W, C]`` and ``rhs [kh, kw, C, F]`` (NHWC / HWIO),
+    without dilation or feature groups: the ``kh * kw`` shifted (strided) windows of the
+    padded input are concatenated along the channel axis into ``[B, H_out, W_out, kh*kw*C]``
+    and multiplied by the kernel reshaped to ``[kh*kw*C, F]``. It computes the same sums as
+    the convolution (in another order: equal to rounding), and its derivatives are slices,
+    pads and products. Under ``vmap`` over nodes the product is one batched matrix multiply,
+    which XLA:CPU runs at matmul speed, where the node-batched (grouped) convolution it
+    replaces runs several times slower. Anything else (another layout, dilation, groups)
+    falls back to ``lax.conv_general_dilated``.
+
+    Returns:
+        ``[B, H_out, W_out, F]``, as ``lax.conv_general_dilated``.
+    """
+    nhwc = dimension_numbers is None or (
+        isinstance(dimension_numbers, lax.ConvDimensionNumbers)
+        and tuple(dimension_numbers.lhs_spec) == (0, 3, 1, 2)
+        and tuple(dimension_numbers.rhs_spec) == (3, 2, 0, 1)
+        and tuple(dimension_numbers.out_spec) == (0, 3, 1, 2))
+    plain = all(d == 1 for d in (*(lhs_dilation or ()), *(rhs_dilation or ())))
+    if (lhs.ndim != 4 or rhs.ndim != 4 or not nhwc or not plain or feature_group_count != 1
+            or dimension_numbers is None or kwargs.get("batch_group_count", 1) != 1):
+        return lax.conv_general_dilated(
+            lhs, rhs, window_strides, padding, lhs_dilation=lhs_dilation,
+            rhs_dilation=rhs_dilation, dimension_numbers=dimension_numbers,
+            feature_group_count=feature_group_count, precision=precision, **kwargs)
+    kh, kw, c, f = rhs.shape
+    sh, sw = window_strides
+    if isinstance(padding, str):
+        padding = lax.padtype_to_pads(lhs.shape[1:3], (kh, kw), (sh, sw), padding)
+    (pt, pb), (pl, pr) = padding
+    x = jnp.pad(lhs, ((0, 0), (pt, pb), (pl, pr), (0, 0)))
+    b, h, w, _ = x.shape
+    ho, wo = (h - kh) // sh + 1, (w - kw) // sw + 1
+    cols = [lax.slice(x, (0, i, j, 0), (b, i + (ho - 1) * sh + 1, j + (wo - 1) * sw + 1, c),
+                      (1, sh, sw, 1))
+            for i in range(kh) for j in range(kw)]
+    patches = cols[0] if len(cols) == 1 else jnp.concatenate(cols, axis=-1)
+    return jnp.matmul(patches, rhs.reshape(kh * kw * c, f), precision=precision)
+
+
+def resolve_conv(impl: str) -> str:
+    """The convolution a model uses: ``'patches'`` on the CPU for ``'auto'``, else ``'xla'``.
+
+    Args:
+        impl: ``'auto'`` (patches on XLA:CPU, whose node-batched convolutions are slow;
+            ``lax.conv_general_dilated``, i.e. cuDNN, on GPUs and TPUs), ``'xla'`` or
+            ``'patches'`` (:func:`conv_patches`).
+
+    Raises:
+        ValueError: for another value.
+    """
+    if impl not in CONV_IMPLS:
+        raise ValueError(f"conv must be one of {list(CONV_IMPLS)}, got {impl!r}")
+    if impl == "auto":
+        return "patches" if jax.default_backend() == "cpu" else "xla"
+    return impl
+
+
+def _conv(features: int, kernel: int, strides: int = 1, use_bias: bool = True,
+          impl: str = "auto") -> nn.Conv:
     return nn.Conv(
         features,
         (kernel, kernel),
@@ -81,6 +162,7 @@ def _conv(features: int, kernel: int, strides: int = 1, use_bias: bool = True) -
         padding="SAME",
         use_bias=use_bias,
         kernel_init=_lecun_normal,
+        conv_general_dilated=conv_patches if resolve_conv(impl) == "patches" else None,
     )
 
 
@@ -123,9 +205,13 @@ class CNN(nn.Module):
 
     Attributes:
         num_classes: number of output logits.
+        conv: how the convolutions run: ``'auto'`` (default: :func:`conv_patches` on the CPU,
+            ``lax.conv_general_dilated`` elsewhere), ``'xla'`` or ``'patches'``. The
+            parameters are the same either way (``nn.Conv``'s ``kernel`` and ``bias``).
     """
 
     num_classes: int = 10
+    conv: str = "auto"
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -137,9 +223,9 @@ class CNN(nn.Module):
         Returns:
             Logits ``[B, num_classes]``.
         """
-        x = nn.relu(_conv(32, 3)(x))
+        x = nn.relu(_conv(32, 3, impl=self.conv)(x))
         x = nn.max_pool(x, (2, 2), strides=(2, 2))
-        x = nn.relu(_conv(64, 3)(x))
+        x = nn.relu(_conv(64, 3, impl=self.conv)(x))
         x = nn.max_pool(x, (2, 2), strides=(2, 2))
         x = x.reshape((x.shape[0], -1))
         x = nn.relu(_dense(128)(x))
@@ -156,15 +242,16 @@ class _BasicBlock(nn.Module):
 
     features: int
     stride: int = 1
+    conv: str = "auto"
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        y = _conv(self.features, 3, self.stride, use_bias=False)(x)
+        y = _conv(self.features, 3, self.stride, use_bias=False, impl=self.conv)(x)
         y = nn.relu(_group_norm(self.features)(y))
-        y = _conv(self.features, 3, use_bias=False)(y)
+        y = _conv(self.features, 3, use_bias=False, impl=self.conv)(y)
         y = _group_norm(self.features)(y)
         if self.stride != 1 or x.shape[-1] != self.features:
-            x = _conv(self.features, 1, self.stride, use_bias=False)(x)
+            x = _conv(self.features, 1, self.stride, use_bias=False, impl=self.conv)(x)
             x = _group_norm(self.features)(x)
         return nn.relu(x + y)
 
@@ -189,10 +276,12 @@ class ResNet18(nn.Module):
         num_classes: number of output logits.
         width: channels of the stem and first stage (64 in the standard network); scale it
             down (e.g. 8) for fast tests.
+        conv: how the convolutions run, as for :class:`CNN`.
     """
 
     num_classes: int = 10
     width: int = 64
+    conv: str = "auto"
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -204,12 +293,12 @@ class ResNet18(nn.Module):
         Returns:
             Logits ``[B, num_classes]``.
         """
-        x = _conv(self.width, 3, use_bias=False)(x)
+        x = _conv(self.width, 3, use_bias=False, impl=self.conv)(x)
         x = nn.relu(_group_norm(self.width)(x))
         for stage, stride in enumerate((1, 2, 2, 2)):
             features = self.width * 2**stage
-            x = _BasicBlock(features, stride)(x)
-            x = _BasicBlock(features, 1)(x)
+            x = _BasicBlock(features, stride, self.conv)(x)
+            x = _BasicBlock(features, 1, self.conv)(x)
         x = jnp.mean(x, axis=(1, 2))
         return _dense(self.num_classes)(x)
 
@@ -229,8 +318,9 @@ def get_model(name: str, num_classes: int, **kwargs: Any) -> nn.Module:
         name: ``'mlp'``, ``'cnn'`` or ``'resnet18'`` (case-insensitive), or your own model
             as ``'module:callable'`` (see :func:`load_model_factory`).
         num_classes: number of output logits.
-        **kwargs: further fields of the model class, e.g. ``hidden=(256, 128)`` for the MLP or
-            ``width=8`` for ResNet-18 (not for ``'module:callable'``).
+        **kwargs: further fields of the model class, e.g. ``hidden=(256, 128)`` for the MLP,
+            ``width=8`` for ResNet-18, ``conv='xla'`` for the CNN or ResNet-18 (not for
+            ``'module:callable'``).
 
     Returns:
         An unbound flax module mapping ``[B, H, W, C]`` to logits ``[B, num_classes]``.
@@ -258,7 +348,7 @@ def get_model(name: str, num_classes: int, **kwargs: Any) -> nn.Module:
                          f"got {name!r}")
     _check_positive_int(num_classes, "num_classes")
     cls = _MODELS[name.lower()]
-    fields = {"hidden", "width"} & {f for f in cls.__dataclass_fields__}
+    fields = {"hidden", "width", "conv"} & {f for f in cls.__dataclass_fields__}
     unknown = set(kwargs) - fields
     if unknown:
         raise ValueError(f"unknown keyword(s) {sorted(unknown)} for model {name!r}")
@@ -271,6 +361,8 @@ def get_model(name: str, num_classes: int, **kwargs: Any) -> nn.Module:
         kwargs["hidden"] = tuple(int(h) for h in hidden)
     if "width" in kwargs:
         _check_positive_int(kwargs["width"], "width")
+    if "conv" in kwargs:
+        resolve_conv(kwargs["conv"])
     return cls(num_classes=int(num_classes), **kwargs)
 
 
