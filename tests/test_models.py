@@ -358,3 +358,20 @@ def test_conv_choice_is_automatic_and_validated():
         models.get_model("cnn", 10, conv="fast")
     with pytest.raises(ValueError, match="conv must be one of"):
         models.init_params(models.CNN(conv="fast"), jax.random.key(0), (8, 8, 1))
+
+
+def test_max_pool_2x2_reshape_equals_nn_max_pool_with_gradients():
+    rng = np.random.default_rng(3)
+    for shape in [(2, 6, 8, 3), (1, 7, 5, 2)]:  # even, and odd sizes (trailing row dropped)
+        x = jnp.asarray(rng.normal(size=shape), jnp.float64)
+        cot = jnp.asarray(rng.normal(size=(shape[0], shape[1] // 2, shape[2] // 2, shape[3])))
+        outs = [models.max_pool_2x2(x, impl) for impl in ("patches", "xla")]
+        np.testing.assert_array_equal(outs[0], outs[1])
+        grads = [jax.grad(lambda x, i=impl, c=cot: jnp.sum(c * models.max_pool_2x2(x, i)))(x)
+                 for impl in ("patches", "xla")]
+        np.testing.assert_array_equal(grads[0], grads[1])
+    # Ties after a ReLU are all-zero windows: the ReLU zeroes their gradient either way.
+    x = jnp.asarray(rng.normal(size=(1, 4, 4, 1)) * (rng.uniform(size=(1, 4, 4, 1)) < 0.5))
+    grads = [jax.grad(lambda x, i=impl: jnp.sum(models.max_pool_2x2(jax.nn.relu(x), i)))(x)
+             for impl in ("patches", "xla")]
+    np.testing.assert_array_equal(grads[0], grads[1])
