@@ -106,17 +106,24 @@ def conv_patches(
     replaces runs several times slower. Anything else (another layout, dilation, groups)
     falls back to ``lax.conv_general_dilated``.
 
+    Args:
+        lhs: the input, ``[B, H, W, C]``.
+        rhs: the kernel, ``[kh, kw, C, F]``.
+        window_strides: ``(s_h, s_w)``.
+        padding: ``'SAME'``, ``'VALID'`` or ``((top, bottom), (left, right))``.
+        lhs_dilation, rhs_dilation, dimension_numbers, feature_group_count, precision,
+            **kwargs: as for ``lax.conv_general_dilated``.
+
     Returns:
         ``[B, H_out, W_out, F]``, as ``lax.conv_general_dilated``.
     """
-    nhwc = dimension_numbers is None or (
-        isinstance(dimension_numbers, lax.ConvDimensionNumbers)
-        and tuple(dimension_numbers.lhs_spec) == (0, 3, 1, 2)
-        and tuple(dimension_numbers.rhs_spec) == (3, 2, 0, 1)
-        and tuple(dimension_numbers.out_spec) == (0, 3, 1, 2))
+    nhwc = (isinstance(dimension_numbers, lax.ConvDimensionNumbers)
+            and tuple(dimension_numbers.lhs_spec) == (0, 3, 1, 2)
+            and tuple(dimension_numbers.rhs_spec) == (3, 2, 0, 1)
+            and tuple(dimension_numbers.out_spec) == (0, 3, 1, 2))
     plain = all(d == 1 for d in (*(lhs_dilation or ()), *(rhs_dilation or ())))
     if (lhs.ndim != 4 or rhs.ndim != 4 or not nhwc or not plain or feature_group_count != 1
-            or dimension_numbers is None or kwargs.get("batch_group_count", 1) != 1):
+            or kwargs.get("batch_group_count", 1) != 1):
         return lax.conv_general_dilated(
             lhs, rhs, window_strides, padding, lhs_dilation=lhs_dilation,
             rhs_dilation=rhs_dilation, dimension_numbers=dimension_numbers,
