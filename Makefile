@@ -21,7 +21,8 @@ demo: venv
 	$(BIN)/dicejax align --dataset digits --nodes 16 --topology exponential --model mlp \
 	    --lr 0.1 --batch 16 --steps 100 --hops 3 --num-steps 20 --out $(OUT)/align
 
-# The test suite: ruff and every test not marked slow (brute-force twins of every formula).
+# The test suite: ruff and every test not marked slow (the brute-force twins in at least
+# their cheapest case; a few costly equivalences run only in test-slow, see README Tests).
 test: venv
 	$(BIN)/ruff check src tests benchmarks
 	$(BIN)/python -m pytest -q -n 2 --dist worksteal -m "not slow"
