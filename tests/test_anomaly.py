@@ -272,6 +272,7 @@ def test_detect_writes_json_and_figure(cli_run, capsys):
         assert set(result[key]) == {"mean", "std", "min", "max"}
 
 
+@pytest.mark.slow
 def test_gaussian_noise_attacker_is_caught():
     config = RunConfig(nodes=16, steps=100, probe_size=128)
     result = detection(config, "gaussian_noise", attackers=[5], window=50, seeds=[3])

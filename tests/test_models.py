@@ -332,8 +332,10 @@ def test_conv_patches_falls_back_for_groups_and_dilation():
             jax.lax.conv_general_dilated(x, k, (1, 1), "SAME", dimension_numbers=dn, **kw))
 
 
-@pytest.mark.parametrize("name,kwargs,shape", [("cnn", {}, (12, 12, 1)),
-                                               ("resnet18", {"width": 4}, (8, 8, 3))])
+@pytest.mark.parametrize("name,kwargs,shape", [
+    ("cnn", {}, (12, 12, 1)),
+    # ResNet-18's 20 convolutions take 80 s to compile in float64: make test-slow
+    pytest.param("resnet18", {"width": 4}, (8, 8, 3), marks=pytest.mark.slow)])
 def test_models_patches_equal_xla_convs_under_node_vmap(name, kwargs, shape):
     # The whole model, node-vmapped as the simulator runs it: loss and every gradient leaf.
     xla = models.get_model(name, 10, conv="xla", **kwargs)
