@@ -116,7 +116,7 @@ def make_model(name: str, conv: str = "auto"):
 
 
 def make_case(model_name: str, n: int, steps: int, batch: int, lr: float, seed: int,
-              device: str, conv: str = "auto") -> Case:
+              device: str, conv: str = "auto", mixing: str = "auto") -> Case:
     """Builds the problem; the same initial weights and batches for every method."""
     model = make_model(model_name, conv)
     params = dj.models.init_params(model, jax.random.PRNGKey(seed), INPUT_SHAPE, num_nodes=n)
@@ -125,7 +125,7 @@ def make_case(model_name: str, n: int, steps: int, batch: int, lr: float, seed: 
     y = rng.integers(0, NUM_CLASSES, size=(steps, n, batch)).astype(np.int32)
     topo = dj.topology.exponential(n)
     matrix = np.asarray(topo.matrix)
-    mixing = choose_method(n, topo.neighbors.indices.shape[1], "auto")
+    mixing = choose_method(n, topo.neighbors.indices.shape[1], mixing)
     tmodel = tparams = xs = ys = None
     if tb is not None:
         tmodel = tb.make_torch_model(params, INPUT_SHAPE).to(device)
@@ -186,7 +186,7 @@ def dicejax_method(case: Case, steps: int) -> Callable[[], Any]:
 
     def run():
         traj = dj.simulate(case.loss_fn, case.params, batches, case.topology, case.optimizer,
-                           record=False)
+                           record=False, mixing=case.mixing)
         return jax.block_until_ready(traj.final_params)
 
     return run
@@ -348,6 +348,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--conv", default="auto", choices=list(dj.models.CONV_IMPLS),
                    help="the CNN's convolutions (dicejax.models.CNN(conv=...)): auto "
                         "(patches on the CPU), xla (lax.conv_general_dilated) or patches")
+    p.add_argument("--mixing", default="auto", choices=["auto", "dense", "sparse"],
+                   help="gossip kernel of dicejax and torch.func (default auto: the one "
+                        "dicejax.mixing.choose_method picks)")
     p.add_argument("--quick", action="store_true",
                    help="smoke test: mlp and cnn at n=4, T=4, 1 repeat")
     p.add_argument("--out", type=Path, default=DEFAULT_OUT)
@@ -474,7 +477,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                      and not (k == "compiled" and n > args.compiled_max_nodes)]
             steps = args.steps or auto_steps(model, n, args.min_steps, args.max_steps)
             case = make_case(model, n, steps, args.batch, args.lr,
-                             args.seed, args.device, args.conv)
+                             args.seed, args.device, args.conv, args.mixing)
             case.steps = steps
             case.info["steps"] = steps
             row = run_case(case, names, args, lambda s: console.print(s, highlight=False))

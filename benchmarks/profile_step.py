@@ -165,7 +165,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     b0 = jax.tree.map(lambda a: a[0], batches)
 
     def step(mixer, state, batch):  # the library's ATC step without per-step metrics
-        return atc(loss_fn, opt, mixer, consensus=False).step(state, batch)[0]
+        return atc(loss_fn, opt, mixer, consensus=False, finite=False).step(state, batch)[0]
 
     @jax.jit
     def run_step(state, batches, mixer):

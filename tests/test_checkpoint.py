@@ -245,7 +245,8 @@ def test_run_setup_equals_train(tmp_path):
     setup = build(config)
     whole = dj.simulate(setup.loss_fn, setup.params, setup.batches, setup.topology,
                         setup.optimizer, record=False, eval_batch=setup.test,
-                        eval_fn=setup.eval_fn, eval_every=3, chunk_steps=2)  # == one scan
+                        eval_fn=setup.eval_fn, eval_every=3, chunk_steps=2,  # == one scan
+                        consensus=True)  # as the CLI's runs record it
     with pytest.raises(_Interrupt):
         ckpt.run_setup(setup, tmp_path, chunk_steps=2, callback=interrupt_after(2))
     assert_same(ckpt.run_setup(setup, tmp_path, chunk_steps=2), whole)

@@ -34,9 +34,15 @@ def _run(kind="directed", opt=None, n=5, steps=6, seed=0, lr=0.3, update_scale=N
     return loss, traj, probe, q / q.sum()
 
 
-@pytest.mark.parametrize("kind", ["directed", "time_varying"])
-@pytest.mark.parametrize("opt_name", ["sgd", "adam"])
-@pytest.mark.parametrize("hops", [1, pytest.param(3, marks=pytest.mark.slow)])
+def _fast_or_slow(cases, fast):
+    """``pytest.param`` of each case, marked slow unless it is in ``fast`` (make test keeps a
+    covering subset of a twin's cases; make test-slow runs them all)."""
+    return [pytest.param(*c, marks=() if c in fast else pytest.mark.slow) for c in cases]
+
+
+@pytest.mark.parametrize("kind,opt_name,hops", _fast_or_slow(
+    [(k, o, h) for h in (1, 3) for o in ("sgd", "adam") for k in ("directed", "time_varying")],
+    fast={("directed", "sgd", 1), ("time_varying", "adam", 1)}))
 def test_dice_gt_equals_explicit_counterfactual_reruns(kind, opt_name, hops):
     opt = optax.sgd(0.3) if opt_name == "sgd" else optax.adam(0.05)
     loss, traj, probe, q = _run(kind, opt)
@@ -64,9 +70,11 @@ def test_dice_gt_with_attackers_equals_explicit_reruns():
     assert abs(float(di.dice_gt(loss, traj, probe, step=1, hops=2)[1])) < 1e-15  # free-rider
 
 
-@pytest.mark.parametrize("kind", ["directed", "time_varying", "ring"])
-@pytest.mark.parametrize("order,direct", [(1, "taylor"), (2, "taylor"), (1, "exact"),
-                                          (2, "exact")])
+@pytest.mark.parametrize("kind,order,direct", _fast_or_slow(
+    [(k, o, d) for o, d in ((1, "taylor"), (2, "taylor"), (1, "exact"), (2, "exact"))
+     for k in ("directed", "time_varying", "ring")],
+    fast={("directed", 1, "taylor"), ("ring", 2, "taylor"), ("time_varying", 1, "exact"),
+          ("directed", 2, "exact")}))
 def test_dice_e_sgd_equals_theorem1_walk_enumeration(kind, order, direct):
     loss, traj, probe, q = _run(kind, optax.sgd(0.3), n=4)
     t, hops = 1, 3
@@ -142,7 +150,8 @@ def test_long_cascades_run_as_a_loop_with_the_same_values(monkeypatch):
     np.testing.assert_allclose(looped.direct, unrolled.direct, rtol=1e-12, atol=1e-16)
 
 
-@pytest.mark.parametrize("opt_name", [pytest.param("adam", marks=pytest.mark.slow), "momentum"])
+@pytest.mark.slow  # the cascade's Jacobian products are also checked against walks above
+@pytest.mark.parametrize("opt_name", ["adam", "momentum"])
 def test_e_cascade_matrix_equals_dense_jacobian_products(opt_name):
     opt = optax.adam(0.05) if opt_name == "adam" else optax.sgd(0.1, momentum=0.9)
     loss, traj, probe, q = _run("time_varying", opt, n=4, steps=6)

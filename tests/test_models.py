@@ -76,7 +76,12 @@ def test_resnet_uses_groupnorm_no_batch_stats():
     assert any("GroupNorm" in k for k in variables["params"])
 
 
-@pytest.mark.parametrize("name", [n for n, _ in MODEL_SPECS])
+# ResNet-18 compiles for 15-18 s per test: its cases run in make test-slow
+MODEL_NAMES = [pytest.param(n, marks=pytest.mark.slow) if n == "resnet18" else n
+               for n, _ in MODEL_SPECS]
+
+
+@pytest.mark.parametrize("name", MODEL_NAMES)
 def test_loss_matches_hand_cross_entropy(name):
     model = _model(name)
     params = models.init_params(model, jax.random.key(2), (8, 8, 1))
@@ -196,7 +201,7 @@ def test_float64_without_x64_is_an_error():
         models.init_params(models.MLP(), jax.random.key(0), (8, 8, 1), dtype=jnp.float64)
 
 
-@pytest.mark.parametrize("name", [n for n, _ in MODEL_SPECS])
+@pytest.mark.parametrize("name", MODEL_NAMES)
 def test_grads_finite_and_jit(name):
     model = _model(name)
     params = models.init_params(model, jax.random.key(7), (8, 8, 1))

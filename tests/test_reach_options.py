@@ -87,6 +87,7 @@ def test_budget_estimate_grows_with_the_reach_and_the_order():
     assert budget.available_memory() > 0 and budget.default_budget() > 0
 
 
+@pytest.mark.slow
 def test_support_only_proximal_equals_the_dense_product(monkeypatch, rng):
     import importlib
 
@@ -113,6 +114,7 @@ def test_support_only_proximal_equals_the_dense_product(monkeypatch, rng):
     jax.clear_caches()
 
 
+@pytest.mark.slow
 def test_network_readings_take_sources(rng):
     n = 10
     loss, params, batches, probe = make_problem(n=n, steps=4, model="tanh")

@@ -22,7 +22,7 @@ from hypothesis import strategies as st
 import dicejax as dj
 from conftest import make_problem, softmax_loss
 from dicejax import topology as tp
-from dicejax.simulate import final_state
+from dicejax.simulate import final_state, raise_if_diverged
 
 # --------------------------------------------------------------------------------------------
 # (a) Determinism
@@ -294,6 +294,38 @@ def test_parameter_divergence_names_first_step_and_node(chunk_steps):
     assert "node 2" in str(err.value) and "step 3" in str(err.value), str(err.value)
 
 
+@pytest.mark.parametrize("chunk_steps", [None, 4, 2])
+def test_divergence_spread_by_gossip_is_traced_to_its_first_node(chunk_steps):
+    # node 2 listens only to itself, nodes 1 and 3 listen to it: its NaN update at step 3
+    # reaches their parameters at step 4, so the losses alone would blame node 1 at step 4.
+    # simulate checks chunk ends (chunk_steps=4: step 3 is the chunk's last) and replays a
+    # diverged chunk with per-step flags; the message equals the per-step flags' one.
+    loss, params, batches = clock_problem(diverge_node=2, diverge_step=3, where="params")
+    w = np.array([[.5, 0, 0, .5], [0, .5, .5, 0], [0, 0, 1, 0], [0, 0, .5, .5]])
+    sim = dj.atc(loss, optax.sgd(1.0), w)  # per-step flags (finite=True is the default)
+    _, outs = dj.run(sim, sim.init(params), batches)
+    assert not np.isfinite(np.asarray(outs.loss[4, [1, 2, 3]])).any()
+    with pytest.raises(FloatingPointError) as flags:
+        raise_if_diverged(outs.loss, outs.finite, 0)
+    assert "node 2 became non-finite at step 3 (nodes [2])" in str(flags.value)
+    with pytest.raises(FloatingPointError) as err:
+        dj.simulate(loss, params, batches, w, optax.sgd(1.0), chunk_steps=chunk_steps)
+    assert str(err.value) == str(flags.value)
+
+
+def test_fast_chunks_report_no_flags_and_the_same_run():
+    loss, params, batches, _ = make_problem(n=4, steps=3)
+    sim = dj.atc(loss, optax.sgd(0.1), tp.ring(4), finite=False)
+    state, outs = dj.run(sim, sim.init(params), batches)
+    assert outs.finite is None
+    ref, ref_outs = dj.run(sim.replace(finite=True), sim.init(params), batches)
+    assert ref_outs.finite.shape == (3, 4) and bool(ref_outs.finite.all())
+    for a, b in zip(jax.tree.leaves(state), jax.tree.leaves(ref), strict=True):
+        np.testing.assert_array_equal(a, b)
+    with pytest.raises(ValueError, match="finite"):
+        dj.atc(loss, optax.sgd(0.1), tp.ring(4), finite=1)
+
+
 # --------------------------------------------------------------------------------------------
 # (d) Property-based invariants of simulate and of the topology builders
 # --------------------------------------------------------------------------------------------
@@ -332,7 +364,7 @@ def test_row_stochastic_mixing_preserves_consensus(n, seed, density, static):
     if static:
         W = np.broadcast_to(W[:1], W.shape)
     params, batches = _problem(n, seed % 1000, same_init=True)
-    traj = dj.simulate(softmax_loss, params, batches, W, SGD0, mixing="dense")
+    traj = dj.simulate(softmax_loss, params, batches, W, SGD0, mixing="dense", consensus=True)
     for leaf in jax.tree.leaves(traj.params):
         np.testing.assert_allclose(leaf, np.broadcast_to(leaf[:1, :1], leaf.shape),
                                    rtol=1e-13, atol=1e-13)
@@ -346,7 +378,7 @@ def test_doubly_stochastic_mixing_preserves_the_average(n, seed, terms):
     W = _birkhoff(rng, n, STEPS, terms)
     np.testing.assert_allclose(W.sum(1), 1.0, atol=1e-12)  # columns too
     params, batches = _problem(n, seed % 1000, same_init=False)
-    traj = dj.simulate(softmax_loss, params, batches, W, SGD0, mixing="dense")
+    traj = dj.simulate(softmax_loss, params, batches, W, SGD0, mixing="dense", consensus=True)
     for leaf in jax.tree.leaves(traj.params):
         mean = leaf.mean(1)  # [T+1, ...] node average at every step
         np.testing.assert_allclose(mean, np.broadcast_to(mean[:1], mean.shape),

@@ -164,7 +164,8 @@ def test_consensus_preserved_by_row_stochastic_mixing(rng):
 
 def test_average_preserved_by_doubly_stochastic_mixing():
     loss, params, batches, _ = make_problem(n=8, steps=3)
-    traj = dj.simulate(loss, params, batches, dj.topology.exponential(8), optimizer=optax.sgd(0))
+    traj = dj.simulate(loss, params, batches, dj.topology.exponential(8), optimizer=optax.sgd(0),
+                       consensus=True)
     assert dj.topology.exponential(8).is_doubly_stochastic
     for leaf in jax.tree.leaves(traj.params):
         np.testing.assert_allclose(
@@ -317,3 +318,21 @@ def test_evaluation_in_bounded_node_groups_equals_vmap(monkeypatch):
     grouped = dj.simulate(loss, params, batches, topo, eval_batch=probe, eval_every=2)
     np.testing.assert_allclose(grouped.metrics["eval"]["loss"], full.metrics["eval"]["loss"],
                                rtol=1e-12)
+
+
+def test_consensus_recorded_only_when_asked_and_equal_to_the_states():
+    loss, params, batches, _ = make_problem(n=5, steps=3)
+    topo = dj.topology.ring(5)
+    plain = dj.simulate(loss, params, batches, topo)
+    asked = dj.simulate(loss, params, batches, topo, consensus=True)
+    assert "consensus" not in plain.metrics and asked.metrics["consensus"].shape == (3,)
+    for a, b in zip(jax.tree.leaves(plain.params), jax.tree.leaves(asked.params), strict=True):
+        np.testing.assert_array_equal(a, b)  # the metric does not change the run
+    for t in range(3):  # (1/n) Σ_k ||θ_k^{t+1} − θ̄^{t+1}||², explicit loops over nodes
+        flat = [np.concatenate([np.ravel(x[t + 1, k]) for x in jax.tree.leaves(plain.params)])
+                for k in range(5)]
+        mean = sum(flat) / 5
+        expected = sum(float(np.sum((f - mean) ** 2)) for f in flat) / 5
+        np.testing.assert_allclose(float(asked.metrics["consensus"][t]), expected, rtol=1e-10)
+    with pytest.raises(ValueError, match="consensus"):
+        dj.simulate(loss, params, batches, topo, consensus="yes")

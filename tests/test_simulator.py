@@ -34,14 +34,15 @@ def _assert_trees_close(a, b, rtol=1e-12, atol=1e-14):
 # --------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("method", [pytest.param("dense", marks=pytest.mark.slow), "sparse"])
+@pytest.mark.slow  # make test keeps simulate against run in the gradient test below
+@pytest.mark.parametrize("method", ["dense", "sparse"])
 def test_simulate_equals_run_bit_for_bit(method, rng):
     loss, params, batches, probe = make_problem(n=9, steps=6, model="tanh")
     topo = dj.topology.ring(9)
     opt = optax.adam(0.05)
     scale = rng.choice([1.0, 0.0, -1.0, 0.5], size=(6, 9))
     traj = dj.simulate(loss, params, batches, topo, opt, mixing=method, update_scale=scale)
-    sim = dj.atc(loss, opt, dj.mixing.from_topology(topo, method))
+    sim = dj.atc(loss, opt, dj.mixing.from_topology(topo, method), consensus=False)
     assert sim.mixer.method == method
     state0 = sim.init(params)
     final, outs = dj.run(sim, state0, batches, jnp.asarray(scale), record=True)
@@ -98,7 +99,8 @@ def test_run_is_jittable_and_differentiable_in_the_mixing_matrix(rng):
         return jnp.sum(outs.loss) + outs.consensus[-1]
 
     def via_simulate(W):
-        traj = dj.simulate(loss, params, batches, W, optax.sgd(0.2), record=False)
+        traj = dj.simulate(loss, params, batches, W, optax.sgd(0.2), record=False,
+                           consensus=True)
         return jnp.sum(traj.metrics["loss"]) + traj.metrics["consensus"][-1]
 
     np.testing.assert_allclose(jax.jit(jax.grad(final_loss))(W), jax.grad(via_simulate)(W),
@@ -146,6 +148,7 @@ def test_from_run_and_atc_validate_their_inputs():
 # --------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_loss_with_aux_outputs(rng):
     loss, params, batches, probe = make_problem(n=5, steps=5, model="tanh")
 

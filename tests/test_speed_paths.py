@@ -319,7 +319,7 @@ def test_unrolled_run_differentiates_through_the_mixing_matrix(rng):
     W = jnp.asarray(random_stochastic(4, rng))
 
     def f(W, unroll):
-        traj = dj.simulate(loss, params, batches, W, record=False, unroll=unroll)
+        traj = dj.simulate(loss, params, batches, W, record=False, unroll=unroll, consensus=True)
         return jnp.sum(traj.metrics["loss"]) + traj.metrics["consensus"][-1]
 
     np.testing.assert_allclose(jax.grad(f)(W, 2), jax.grad(f)(W, 0), rtol=1e-12, atol=1e-15)
@@ -386,6 +386,7 @@ def test_conv_model_default_unroll_equals_one_scan():
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-12, atol=1e-14)
 
 
+@pytest.mark.slow
 def test_one_device_mesh_unrolled_equals_no_mesh():
     loss, params, batches, probe, scale = _case()
     topo = dj.topology.ring(4)

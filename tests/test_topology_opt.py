@@ -172,7 +172,8 @@ def test_remat_path_equals_plain_path_and_simulate(rng):
     np.testing.assert_allclose(roll.loss, roll_plain.loss, rtol=1e-13)
     # The differentiable rollout is the simulator's run.
     problem = tiny_problem()
-    traj = dj.simulate(problem.loss_fn, problem.params, problem.batches, par.weights(logits))
+    traj = dj.simulate(problem.loss_fn, problem.params, problem.batches, par.weights(logits),
+                       consensus=True)
     np.testing.assert_allclose(roll.loss, traj.metrics["loss"], rtol=1e-13)
     np.testing.assert_allclose(roll.consensus, traj.metrics["consensus"], rtol=1e-12)
     for leaf, ref in zip(jax.tree.leaves(roll.state.params), jax.tree.leaves(traj.final_params)):

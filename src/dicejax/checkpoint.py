@@ -73,7 +73,7 @@ import orbax.checkpoint as ocp
 from dicejax import data as data_lib
 from dicejax import topology as topo_lib
 from dicejax.mixing import Method
-from dicejax.simulate import init, plan_run, raise_if_diverged
+from dicejax.simulate import init, plan_run
 from dicejax.simulator import DEFAULT_OPTIMIZER, LossFn, NodeState
 from dicejax.trajectory import Trajectory
 
@@ -449,10 +449,14 @@ def _join(segments: list[_Segment], record: bool) -> dict:
 
 
 def _fingerprint(state: NodeState, topo, source, record: bool, eval_every: int,
-                 eval_batch, config) -> dict:
+                 eval_batch, config, consensus: bool = True) -> dict:
     matrix = topo.stacked() if isinstance(topo, topo_lib.Topology) else np.asarray(topo)
     spec = getattr(source, "spec", None)
+    # runs without the per-step consensus metric are marked; runs with it keep the
+    # fingerprint of the checkpoints written before it became optional (they all had it)
+    extra = {} if consensus else {"consensus": False}
     return {
+        **extra,
         "format": FORMAT,
         "nodes": int(jax.tree.leaves(state.params)[0].shape[0]),
         "record": bool(record),
@@ -617,6 +621,7 @@ def run_checkpointed(
     mixing: Method = "auto",
     check_finite: bool = True,
     callback: Callable[[NodeState, int], None] | None = None,
+    consensus: bool = False,
     _require_checkpoint: bool = False,
 ) -> Trajectory:
     """:func:`dicejax.simulate` in chunks, committing a checkpoint every ``every_chunks``.
@@ -650,7 +655,8 @@ def run_checkpointed(
         runs), unlike ``simulate``.
       config: JSON-serialisable description of the run (e.g. hyper-parameters the
         optimizer closes over); a resume with a different ``config`` is refused.
-      eval_batch, eval_fn, eval_every, mixing, check_finite: as in :func:`dicejax.simulate`.
+      eval_batch, eval_fn, eval_every, mixing, check_finite, consensus: as in
+        :func:`dicejax.simulate` (a resume must keep ``consensus``).
       callback: ``callback(state, step)`` on the host after each chunk (after its checkpoint
         is committed, if one was due); ``step`` is the global number of steps done.
 
@@ -692,12 +698,12 @@ def run_checkpointed(
     plan = plan_run(loss_fn, initial.params, _source_chunk(source, 0, min(chunk_steps, steps)),
                     topo, optimizer,
                     eval_batch=eval_batch, eval_fn=eval_fn, eval_every=eval_every,
-                    mixing=mixing, initial_state=initial)
+                    mixing=mixing, initial_state=initial, consensus=consensus)
 
     directory.mkdir(parents=True, exist_ok=True)
     _remove_temporaries(directory)
     _check_fingerprint(directory, _fingerprint(initial, topo, source, record, eval_every,
-                                               eval_batch, config))
+                                               eval_batch, config, consensus))
     with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as ck:
         templates = {}
         if record:
@@ -725,7 +731,7 @@ def run_checkpointed(
             start_state = state
             state, ys = plan.step(state, chunk, None, record)
             if check_finite:
-                raise_if_diverged(ys.loss, ys.finite, done)
+                plan.check_divergence(start_state, state, chunk, None, ys, done)
             traj = plan.trajectory(state, [ys], [chunk], [], record, initial=start_state)
             state, done, chunks = traj.final_state, stop, chunks + 1
             pending.append(traj)
@@ -838,4 +844,4 @@ def run_setup(
         directory=directory, chunk_steps=chunk_steps or setup.chunk_steps,
         steps=config.steps, every_chunks=every_chunks, record=record, config=settings,
         eval_batch=setup.test, eval_fn=setup.eval_fn if config.eval_every else None,
-        eval_every=config.eval_every, callback=callback)
+        eval_every=config.eval_every, callback=callback, consensus=True)

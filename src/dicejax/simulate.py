@@ -88,8 +88,10 @@ def check_params(params: PyTree, name: str = "params") -> int:
         dtype = x.dtype if hasattr(x, "dtype") else np.asarray(x).dtype
         if not jnp.issubdtype(dtype, jnp.floating):
             raise ValueError(f"{name}: leaves must be real floating arrays, got dtype {dtype}")
-        if not is_tracer(x) and not bool(np.all(np.isfinite(np.asarray(x)))):
-            raise ValueError(f"{name}: contains non-finite values (NaN or Inf)")
+    concrete = [x for x in leaves if not is_tracer(x) and np.size(x)]
+    # on the device: no host copy of the parameters (one scalar comes back)
+    if concrete and not bool(all_nodes_finite(concrete)):
+        raise ValueError(f"{name}: contains non-finite values (NaN or Inf)")
     return ns.pop()
 
 
@@ -168,6 +170,12 @@ def _check_int(value, name: str, minimum: int, allow_none: bool = True) -> None:
                          f"got {value!r}")
 
 
+@jax.jit
+def all_nodes_finite(params: PyTree) -> jax.Array:
+    """Scalar bool: every float parameter of every node is finite (one pass, on device)."""
+    return jnp.all(node_finite(params))
+
+
 def raise_if_diverged(loss: jax.Array, finite: jax.Array, offset: int) -> None:
     """Raises FloatingPointError at the first non-finite (step, node) of a chunk.
 
@@ -229,11 +237,21 @@ def auto_unroll(sim: Simulator, state: NodeState, batches: PyTree, platform: str
     else 0 (one ordinary scan)."""
     if platform != "cpu":
         return 0
-    batch = jax.tree.map(lambda x: x[0, 0], batches)
-    one = jax.tree.map(lambda x: x[0], (state.params, state.model_state))
-    key = None if state.key is None else jax.random.fold_in(state.key, 0)
-    jaxpr = jax.make_jaxpr(scalar_loss(sim))(*one, batch, key)
-    return CONV_UNROLL if has_primitive(jaxpr, "conv_general_dilated") else 0
+    shape = lambda x: jax.ShapeDtypeStruct(jnp.shape(x)[1:], x.dtype)  # noqa: E731
+    batch = jax.tree.map(lambda x: jax.ShapeDtypeStruct(jnp.shape(x)[2:], x.dtype), batches)
+    one = jax.tree.map(shape, (state.params, state.model_state))
+    key = None if state.key is None else jax.ShapeDtypeStruct(jnp.shape(state.key),
+                                                               state.key.dtype)
+    leaves, treedef = jax.tree.flatten((*one, batch, key))
+    return CONV_UNROLL if _loss_has_conv(scalar_loss(sim), treedef, tuple(leaves)) else 0
+
+
+@functools.lru_cache(maxsize=256)
+def _loss_has_conv(loss, treedef, shapes: tuple) -> bool:
+    """Whether ``loss`` traced at these shapes has a convolution (cached: one trace per
+    loss and shapes, not one per call)."""
+    jaxpr = jax.make_jaxpr(loss)(*jax.tree.unflatten(treedef, list(shapes)))
+    return has_primitive(jaxpr, "conv_general_dilated")
 
 
 def run_chunk(sim: Simulator, state: NodeState, batches: PyTree, gates: Gate | None, *,
@@ -311,10 +329,13 @@ class RunPlan:
         self.n = jax.tree.leaves(state.params)[0].shape[0]
         self.evaluation, self.unroll, self.state0 = evaluation, unroll, state
         self.start = int(state.step)
-        self.run_sim, self.run_state = sim, state
+        # chunks run without per-step finiteness flags: check_divergence looks at the losses
+        # and the chunk's last parameters, and replays a chunk with flags only if it diverged
+        self.run_sim, self.run_state = sim.replace(finite=False), state
         if layout is not None:
-            self.run_sim = sim.replace(mixer=parallel.shard_mixer(sim.mixer, layout, mixing),
-                                       num_nodes=self.n if layout.padded else None)
+            self.run_sim = self.run_sim.replace(
+                mixer=parallel.shard_mixer(sim.mixer, layout, mixing),
+                num_nodes=self.n if layout.padded else None)
             self.run_state = layout.place_state(state)
             if evaluation is not None:
                 self.evaluation = evaluation.replace(batch=layout.replicate(evaluation.batch))
@@ -339,9 +360,10 @@ class RunPlan:
                              f"past step {self.scale.shape[0]}")
         return self.scale[done : done + t_c]
 
-    def step(self, state, chunk, gates, record, evaluate: bool = True):
+    def step(self, state, chunk, gates, record, evaluate: bool = True, finite: bool = False):
         """Runs one chunk (``gates`` from :meth:`gates`); ``evaluate=False`` skips the
-        periodic evaluation. Returns ``(state, outputs)``, outputs trimmed to ``n`` nodes."""
+        periodic evaluation, ``finite=True`` reports per-step finiteness flags. Returns
+        ``(state, outputs)``, outputs trimmed to ``n`` nodes."""
         if self.unroll is None:
             platform = (jax.default_backend() if self.layout is None
                         else self.layout.mesh.devices.flat[0].platform)
@@ -349,11 +371,43 @@ class RunPlan:
         if self.layout is not None:
             chunk = self.layout.place(chunk, axis=1)
             gates = None if gates is None else self.layout.place(gates, axis=1, fill=1)
-        state, ys = run_chunk(self.run_sim, state, chunk, as_gate(gates), record=record,
+        sim = self.run_sim.replace(finite=True) if finite else self.run_sim
+        state, ys = run_chunk(sim, state, chunk, as_gate(gates), record=record,
                               unroll=int(self.unroll),
                               evaluation=self.evaluation if evaluate else None,
                               sync=self.layout is not None)
         return state, (ys if self.layout is None else self.layout.trim_outputs(ys))
+
+    def check_divergence(self, before: NodeState, after: NodeState, chunk: PyTree,
+                         gates: jax.Array | None, ys: StepOutput, offset: int) -> None:
+        """Raises ``FloatingPointError`` at the first non-finite (step, node) of a chunk.
+
+        A chunk runs without per-step finiteness flags: this checks its train losses and
+        the parameters after its last step (one host sync of ``[T_c, n]`` losses and ``[n]``
+        flags). Only when one is non-finite is the chunk replayed from ``before`` with the
+        flags on, so that the error names the step and node where it began, as
+        :func:`raise_if_diverged` does.
+
+        Args:
+          before: the state the chunk ran from (as placed for :meth:`step`).
+          after: the state after it.
+          chunk: the chunk's batches; ``gates`` its gates (from :meth:`gates`).
+          ys: the chunk's outputs.
+          offset: global index of the chunk's first step.
+        """
+        if is_tracer(ys.loss):
+            return
+        if ys.finite is None:
+            if (bool(np.isfinite(np.asarray(ys.loss)).all())
+                    and bool(np.asarray(all_nodes_finite(after.params)))):
+                return
+            ys = self.step(before, chunk, gates, False, evaluate=False, finite=True)[1]
+        raise_if_diverged(ys.loss, ys.finite, offset)
+        if not bool(np.asarray(all_nodes_finite(after.params))):  # e.g. overflow in gossip
+            raise FloatingPointError(
+                f"simulate: diverged: the parameters became non-finite in steps "
+                f"{offset}..{offset + len(ys.loss) - 1}; lower the learning rate or check "
+                "the data")
 
     def run_window(self, state: NodeState, batches: PyTree, start: int, stop: int, *,
                    record: bool = False, check_finite: bool = True,
@@ -367,8 +421,8 @@ class RunPlan:
         chunk = jax.tree.map(lambda x: x[start:stop], batches)
         gates = self.gates(start, stop - start)
         new, ys = self.step(state, chunk, gates, record)
-        if check_finite and not is_tracer(ys.loss):
-            raise_if_diverged(ys.loss, ys.finite, self.start + start)
+        if check_finite:
+            self.check_divergence(state, new, chunk, gates, ys, self.start + start)
         traj = self.trajectory(new, [ys], [chunk], [] if gates is None else [gates], record,
                                initial=self.host_state(state))
         return new, traj
@@ -416,6 +470,7 @@ def simulate(
     model_state: PyTree = None,
     key: jax.Array | None = None,
     gossip_model_state: bool = False,
+    consensus: bool = False,
 ) -> Trajectory:
     """Simulates ATC decentralized learning for ``T`` steps.
 
@@ -461,6 +516,11 @@ def simulate(
         ``loss_fn(params, model_state, batch) -> (loss, new_model_state)``.
       key: a base PRNG key: ``loss_fn(..., key)`` gets a per-node, per-step key (dropout).
       gossip_model_state: mix the model state like the parameters (default: node-local).
+      consensus: record the consensus distance ``(1/n) Σ_k ||θ_k^{t+1} − θ̄^{t+1}||²``
+        after every step as ``traj.metrics["consensus"]`` ``[T]``. Off by default: it
+        costs a pass over every parameter per step (the paper's CNN, 16 nodes: 43 → 33
+        node-steps/s, benchmarks/RESULTS.md §2, finding 6); :func:`consensus_distance` of
+        ``traj.final_params`` (or of any recorded state) gives it where needed.
 
     Returns:
       A :class:`~dicejax.trajectory.Trajectory`.
@@ -473,14 +533,16 @@ def simulate(
                     eval_fn=eval_fn, eval_every=eval_every, mixing=mixing,
                     chunk_steps=chunk_steps, initial_state=initial_state,
                     update_scale=update_scale, mesh=mesh, unroll=unroll, has_aux=has_aux,
-                    model_state=model_state, key=key, gossip_model_state=gossip_model_state)
+                    model_state=model_state, key=key, gossip_model_state=gossip_model_state,
+                    consensus=consensus)
     state, outs, kept, kept_gates, done = plan.run_state, [], [], [], 0
     for chunk in _chunks(batches, chunk_steps):
         t_c = check_batches(chunk, plan.n)
         gates = plan.gates(done, t_c)
+        before = state
         state, ys = plan.step(state, chunk, gates, record)
-        if check_finite and not is_tracer(ys.loss):
-            raise_if_diverged(ys.loss, ys.finite, plan.start + done)
+        if check_finite:
+            plan.check_divergence(before, state, chunk, gates, ys, plan.start + done)
         outs.append(ys)
         if record:
             kept.append(chunk)
@@ -501,7 +563,7 @@ def plan_run(loss_fn: LossFn, params: PyTree, batches: PyTree | Iterable[PyTree]
              initial_state: NodeState | None = None, update_scale: Any = None,
              mesh: jax.sharding.Mesh | None = None, unroll: int | None = None,
              has_aux: bool = False, model_state: PyTree = None, key: jax.Array | None = None,
-             gossip_model_state: bool = False) -> RunPlan:
+             gossip_model_state: bool = False, consensus: bool = False) -> RunPlan:
     """Checks :func:`simulate`'s arguments before any work and builds its :class:`RunPlan`.
 
     Takes :func:`simulate`'s arguments (``batches`` may be an iterator: then only the
@@ -529,7 +591,7 @@ def plan_run(loss_fn: LossFn, params: PyTree, batches: PyTree | Iterable[PyTree]
     single = "sparse" if mixing in ("ppermute", "all_gather") else mixing
     sim = atc(loss_fn, optimizer, from_topology(topo, single, num_nodes=n), has_aux=has_aux,
               stateful=model_state is not None, rng=key is not None,
-              gossip_model_state=gossip_model_state)
+              gossip_model_state=gossip_model_state, consensus=consensus)
     state = initial_state if initial_state is not None else sim.init(params, model_state, key)
     fixed = _fixed_steps(topo)
     if not isinstance(batches, Iterator):
@@ -557,6 +619,7 @@ __all__ = [
     "Simulator",
     "StepOutput",
     "Trajectory",
+    "all_nodes_finite",
     "atc",
     "auto_unroll",
     "check_batches",

@@ -103,7 +103,8 @@ class StepOutput(NamedTuple):
     Attributes:
       loss: ``[n]`` train loss ``L(θ_k^t; z_k^t)`` before the step.
       finite: ``[n]`` bool, whether every parameter of ``θ_k^{t+½}`` is finite (checked
-        before gossip, which would spread one node's NaN to every receiver).
+        before gossip, which would spread one node's NaN to every receiver); None when the
+        simulator was built with ``finite=False``.
       consensus: scalar, :func:`consensus_distance` of ``θ^{t+1}`` (None when the simulator
         was built with ``consensus=False``).
       aux: the loss' auxiliary output, leaves ``[n, ...]`` (``has_aux``; else None).
@@ -233,6 +234,9 @@ class Simulator:
       consensus: report the consensus distance after every step.
       num_nodes: the number of real nodes when the node axis is padded (sharded runs);
         None = all.
+      finite: report per node whether its local update is finite, every step (one pass
+        over the parameters; :func:`dicejax.simulate` checks chunk ends instead and replays
+        a chunk with this on only when it diverged).
     """
 
     mixer: Any
@@ -244,6 +248,7 @@ class Simulator:
     gossip_model_state: bool = pytrees.static_field(default=False)
     consensus: bool = pytrees.static_field(default=True)
     num_nodes: int | None = pytrees.static_field(default=None)
+    finite: bool = pytrees.static_field(default=True)
 
     # ----------------------------------------------------------------------------------------
     # the loss, whatever its form
@@ -362,7 +367,7 @@ class Simulator:
             opt_state = _apply_gate(state.opt_state, opt_state, g.state)
             if self.stateful:
                 model_state = _apply_gate(state.model_state, model_state, g.state)
-        finite = node_finite(half)
+        finite = node_finite(half) if self.finite else None
         params = self.mixer.apply(state.step, half)
         mixed_state = model_state
         if self.stateful and self.gossip_model_state:
@@ -389,6 +394,7 @@ def atc(
     rng: bool = False,
     gossip_model_state: bool = False,
     consensus: bool = True,
+    finite: bool = True,
 ) -> Simulator:
     """Adapt-then-combine decentralized learning: the :class:`Simulator` factory.
 
@@ -405,6 +411,8 @@ def atc(
       has_aux, stateful, rng, gossip_model_state: see the module docstring.
       consensus: report the consensus distance after every step (one ``[1, n] × [n, P]``
         product per step).
+      finite: report per node whether its local update is finite after every step
+        (``StepOutput.finite``; one pass over the parameters per step).
 
     Returns:
       A :class:`Simulator`.
@@ -420,13 +428,14 @@ def atc(
     if not callable(getattr(mixer, "apply", None)):
         mixer = mixing.from_topology(mixer)
     for name, value in (("has_aux", has_aux), ("stateful", stateful), ("rng", rng),
-                        ("gossip_model_state", gossip_model_state), ("consensus", consensus)):
+                        ("gossip_model_state", gossip_model_state), ("consensus", consensus),
+                        ("finite", finite)):
         if not isinstance(value, bool):
             raise ValueError(f"{name}: must be a bool, got {value!r}")
     if gossip_model_state and not stateful:
         raise ValueError("gossip_model_state: needs a stateful simulator (stateful=True)")
     return Simulator(mixer, loss_fn, optimizer, has_aux, stateful, rng, gossip_model_state,
-                     consensus)
+                     consensus, finite=finite)
 
 
 @pytrees.dataclass

@@ -36,7 +36,6 @@ from dicejax.simulate import (
     Trajectory,
     final_state,
     plan_run,
-    raise_if_diverged,
 )
 
 OPTIMIZERS = ("sgd", "momentum", "adam")
@@ -443,7 +442,7 @@ class Runner:
             s = self.setup
             self._run_plan = plan_run(s.loss_fn, s.params, first_chunk, s.topology,
                                       s.optimizer, update_scale=self.update_scale,
-                                      **self._sim_kwargs())
+                                      consensus=True, **self._sim_kwargs())
             if self.state is None:
                 self.state = self._run_plan.run_state
         return self._run_plan
@@ -458,8 +457,9 @@ class Runner:
             t_c = int(jax.tree.leaves(chunk)[0].shape[0])
             done = start + sum(int(o.loss.shape[0]) for o in outs)
             gates = plan.gates(done, t_c)
+            before = state
             state, ys = plan.step(state, chunk, gates, record, evaluate)
-            raise_if_diverged(ys.loss, ys.finite, done)
+            plan.check_divergence(before, state, chunk, gates, ys, done)
             outs.append(ys)
             if record:
                 kept.append(chunk)
@@ -485,7 +485,7 @@ class Runner:
                 s.loss_fn, s.params, self.source, s.topology, s.optimizer,
                 directory=self.checkpoint_dir, chunk_steps=self.chunk_steps, steps=stop,
                 record=False, config=dataclasses.asdict(s.config), callback=self._chunk_callback,
-                **self._sim_kwargs())
+                consensus=True, **self._sim_kwargs())
             self._whole = traj.metrics
         else:
             traj = self._steps(stop, record=False, evaluate=True)

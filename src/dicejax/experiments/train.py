@@ -75,7 +75,7 @@ def train(config: RunConfig, *, record: bool = False, dtype: Any = None,
         traj = simulate(setup.loss_fn, setup.params, setup.chunks(chunk_steps=chunk_steps),
                         setup.topology, setup.optimizer, record=record, eval_batch=setup.test,
                         eval_fn=setup.eval_fn if config.eval_every else None,
-                        eval_every=config.eval_every, callback=on_chunk)
+                        eval_every=config.eval_every, callback=on_chunk, consensus=True)
     jax.block_until_ready(traj.final_params)
     seconds = time.perf_counter() - start
     timed = watch.timed

@@ -50,13 +50,14 @@ MAX_UNROLLED_HOPS = 8
 
 def rerun_simulator(loss_fn: LossFn, traj: Trajectory) -> Simulator:
     """The simulator of influence re-runs: the run's, with ``loss_fn``, no per-step
-    consensus, and the dense form of its mixer up to :data:`DENSE_RERUN_MAX_NODES`."""
+    consensus or finiteness flags, and the dense form of its mixer up to
+    :data:`DENSE_RERUN_MAX_NODES`."""
     sim = traj.simulator
     m = sim.mixer
     if isinstance(m, Mixer) and m.indices is not None \
             and m.matrices.shape[-1] <= DENSE_RERUN_MAX_NODES:
         m = Mixer(m.matrices)
-    return sim.replace(mixer=m, loss_fn=loss_fn, consensus=False)
+    return sim.replace(mixer=m, loss_fn=loss_fn, consensus=False, finite=False)
 
 
 def float_dtype(traj: Trajectory):
