@@ -43,7 +43,7 @@ import dicejax as dj
 from benchmarks import common
 from benchmarks.bench_simulate import INPUT_SHAPE, NUM_CLASSES, make_model
 from dicejax import mixing
-from dicejax import simulate as sim_lib
+from dicejax.simulate import auto_unroll, check_params, plan_run, run_chunk
 
 DEFAULT_OUT = common.RESULTS_DIR / "bench_overhead.json"
 GOAL_MS = 5.0
@@ -73,24 +73,24 @@ def case_fns(model_name: str, n: int, batch: int, steps: int) -> dict[str, Calla
                "y": jnp.asarray(rng.integers(0, NUM_CLASSES, (steps, n, batch)), jnp.int32)}
     topo = dj.topology.exponential(n)
     opt = optax.sgd(0.1)
-    plan = sim_lib.plan_run(loss_fn, params, batches, topo, opt)
+    plan = plan_run(loss_fn, params, batches, topo, opt)
     state0 = plan.run_state
-    unroll = sim_lib.auto_unroll(plan.sim, state0, batches, jax.default_backend())
+    unroll = auto_unroll(plan.sim, state0, batches, jax.default_backend())
     final, ys = plan.step(state0, batches, None, False)
 
     def simulate():
         return dj.simulate(loss_fn, params, batches, topo, opt, record=False).final_params
 
     def run():
-        return sim_lib.run_chunk(plan.run_sim, state0, batches, None, record=False,
+        return run_chunk(plan.run_sim, state0, batches, None, record=False,
                                  unroll=unroll)[0].params
 
     return {
         "simulate": simulate,
         "run": run,
-        "plan_run": lambda: sim_lib.plan_run(loss_fn, params, batches, topo, opt).state0,
+        "plan_run": lambda: plan_run(loss_fn, params, batches, topo, opt).state0,
         "from_topology": lambda: mixing.from_topology(topo, num_nodes=n).matrices,
-        "check_params": lambda: sim_lib.check_params(params),
+        "check_params": lambda: check_params(params),
         "divergence check": lambda: plan.check_divergence(state0, final, batches, None, ys, 0),
         "Trajectory": lambda: plan.trajectory(final, [ys], [], [], False).final_params,
     }

@@ -60,7 +60,7 @@ from rich.table import Table
 
 import dicejax as dj
 from benchmarks import common
-from dicejax.mixing import choose_method
+from dicejax.simulate import plan_run
 
 try:
     import torch
@@ -97,7 +97,8 @@ class Case:
     batches: dict  # {"x": [T, n, B, 28, 28, 1] f32, "y": [T, n, B] i32}
     topology: Any
     matrix: np.ndarray  # [n, n]
-    mixing: str  # the gossip kernel dicejax's "auto" picks (the torch.func baselines use it)
+    mixing: str  # the gossip kernel dicejax runs (the torch.func baselines use it)
+    mixing_arg: str  # what dicejax.simulate is given (--mixing)
     torch_model: Any  # torch.nn.Module, or None without torch
     torch_params: dict | None  # {name: [n, ...]}
     xs: Any  # torch [T, n, B, 1, 28, 28]
@@ -125,7 +126,10 @@ def make_case(model_name: str, n: int, steps: int, batch: int, lr: float, seed: 
     y = rng.integers(0, NUM_CLASSES, size=(steps, n, batch)).astype(np.int32)
     topo = dj.topology.exponential(n)
     matrix = np.asarray(topo.matrix)
-    mixing = choose_method(n, topo.neighbors.indices.shape[1], mixing)
+    mixing_arg = mixing
+    mixing = plan_run(dj.models.make_loss_fn(model), params,
+                      {"x": jnp.asarray(x[:1]), "y": jnp.asarray(y[:1])}, topo,
+                      mixing=mixing).sim.mixer.method
     tmodel = tparams = xs = ys = None
     if tb is not None:
         tmodel = tb.make_torch_model(params, INPUT_SHAPE).to(device)
@@ -144,7 +148,8 @@ def make_case(model_name: str, n: int, steps: int, batch: int, lr: float, seed: 
     info["xla_grad_flops_per_step"] = _xla_grad_flops(dj.models.make_loss_fn(model), params,
                                                       {"x": x[0], "y": y[0]})
     return Case(model_name, n, steps, batch, lr, dj.models.make_loss_fn(model), params,
-                {"x": jnp.asarray(x), "y": jnp.asarray(y)}, topo, matrix, mixing, tmodel,
+                {"x": jnp.asarray(x), "y": jnp.asarray(y)}, topo, matrix, mixing, mixing_arg,
+                tmodel,
                 tparams, xs, ys, device, optax.sgd(lr), info)
 
 
@@ -186,7 +191,7 @@ def dicejax_method(case: Case, steps: int) -> Callable[[], Any]:
 
     def run():
         traj = dj.simulate(case.loss_fn, case.params, batches, case.topology, case.optimizer,
-                           record=False, mixing=case.mixing)
+                           record=False, mixing=case.mixing_arg)
         return jax.block_until_ready(traj.final_params)
 
     return run
@@ -350,7 +355,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                         "(patches on the CPU), xla (lax.conv_general_dilated) or patches")
     p.add_argument("--mixing", default="auto", choices=["auto", "dense", "sparse"],
                    help="gossip kernel of dicejax and torch.func (default auto: the one "
-                        "dicejax.mixing.choose_method picks)")
+                        "dicejax.simulate picks)")
     p.add_argument("--quick", action="store_true",
                    help="smoke test: mlp and cnn at n=4, T=4, 1 repeat")
     p.add_argument("--out", type=Path, default=DEFAULT_OUT)

@@ -199,6 +199,13 @@ def gate(old: PyTree, new: PyTree, scale: jax.Array) -> PyTree:
 _apply_gate = gate  # Simulator.step's argument ``gate`` shadows the function
 
 
+@functools.lru_cache(maxsize=64)
+def vmapped_init(init_fn: Callable[[PyTree], PyTree]) -> Callable[[PyTree], PyTree]:
+    """``jit(vmap(init_fn))``, one per optimizer: every node's optimizer state in one
+    dispatch (an eager ``vmap`` re-traces the optimizer's ``init`` on every call)."""
+    return jax.jit(jax.vmap(init_fn))
+
+
 def replicate(params: PyTree, n: int) -> PyTree:
     """Stacks ``n`` copies of a single-node pytree: every leaf gets a leading axis ``n``.
 
@@ -319,7 +326,7 @@ class Simulator:
                              "(rng=True)")
         if not self.rng and key is not None:
             raise ValueError("key: given, but the simulator was built with rng=False")
-        return NodeState(params, jax.vmap(self.optimizer.init)(params),
+        return NodeState(params, vmapped_init(self.optimizer.init)(params),
                          jnp.asarray(step, jnp.int32), model_state,
                          None if key is None else jnp.asarray(key))
 
@@ -561,4 +568,5 @@ __all__ = [
     "node_finite",
     "replicate",
     "run",
+    "vmapped_init",
 ]
