@@ -326,6 +326,75 @@ def test_fast_chunks_report_no_flags_and_the_same_run():
         dj.atc(loss, optax.sgd(0.1), tp.ring(4), finite=1)
 
 
+@pytest.mark.parametrize("method", ["dense", "sparse"])
+def test_isolating_gossip_equals_explicit_loops(method):
+    # two steps of a time-varying graph: node 3 listens to node 1 at step 0 only, so at
+    # step 1 the sparse list holds a zero-weight slot pointing at the non-finite node 1
+    n = 6
+    w = np.zeros((2, n, n))
+    for t in range(2):
+        w[t] = np.eye(n) * 0.5 + np.roll(np.eye(n), 1, axis=1) * 0.5  # k hears k+1
+    w[0, 3] = 0
+    w[0, 3, [1, 3]] = 0.5
+    w[1, 0] = 0
+    w[1, 0, 0] = 1.0
+    mixer = dj.mixing.from_topology(w, method)
+    assert mixer.method == method
+    x = {"a": np.arange(n * 3, dtype=float).reshape(n, 3), "b": np.ones((n, 2, 2))}
+    x["a"][1, 0] = np.nan
+    x["b"][4, 1, 1] = np.inf
+    finite = np.array([np.all(np.isfinite(x["a"][k])) and np.all(np.isfinite(x["b"][k]))
+                       for k in range(n)])
+    for t in range(2):
+        got = mixer.apply(t, jax.tree.map(jnp.asarray, x), jnp.asarray(finite))
+        for k in range(n):
+            senders = [j for j in range(n) if w[t, k, j] != 0]
+            for name in x:
+                if not finite[k] or not all(finite[j] for j in senders):
+                    assert np.all(np.isnan(np.asarray(got[name][k]))), (t, k, name)
+                else:
+                    expected = sum(w[t, k, j] * x[name][j] for j in senders)
+                    np.testing.assert_allclose(got[name][k], expected, rtol=1e-15)
+    # the plain dense product lets a zero weight carry the NaN: 0 · NaN = NaN
+    if method == "dense":
+        row0 = np.asarray(mixer.apply(1, jax.tree.map(jnp.asarray, x))["a"][0])
+        assert w[1, 0, 1] == 0 and np.isnan(row0[0])
+        assert np.isfinite(np.asarray(got["a"][0])).all()
+
+
+@pytest.mark.parametrize("mixing", ["dense", "sparse"])
+def test_isolate_run_leaves_non_listeners_as_if_the_attacker_stayed_finite(mixing):
+    # node 2 diverges at step 3; node 3 listens to it, nodes 0 and 1 do not
+    w = np.array([[.5, .5, 0, 0], [.5, .5, 0, 0], [0, 0, 1, 0], [0, 0, .5, .5]])
+    loss, params, batches = clock_problem(diverge_node=2, diverge_step=3, where="params")
+    # the other clocks start far behind: within the 6 steps only node 2 reaches its threshold
+    params = {**params, "c": jnp.asarray([-10.0, -10.0, 1.0, -10.0])}
+    calm_loss, _, _ = clock_problem(diverge_node=2, diverge_step=100, where="params")
+    with pytest.raises(FloatingPointError, match="node 2"):
+        dj.simulate(loss, params, batches, w, optax.sgd(1.0), mixing=mixing)
+    traj = dj.simulate(loss, params, batches, w, optax.sgd(1.0), mixing=mixing,
+                       on_divergence="isolate")
+    np.testing.assert_array_equal(traj.diverged, [-1, -1, 3, 4])
+    assert traj.metrics["finite"].shape == (6, 4)
+    calm = dj.simulate(calm_loss, params, batches, w, optax.sgd(1.0), mixing=mixing)
+    np.testing.assert_array_equal(calm.diverged, [-1, -1, -1, -1])
+    for got, ref in zip(jax.tree.leaves(traj.params), jax.tree.leaves(calm.params), strict=True):
+        np.testing.assert_array_equal(got[:, :2], ref[:, :2])  # every step, nodes 0 and 1
+        assert np.isnan(np.asarray(got[-1, 2:])).all()
+    np.testing.assert_array_equal(traj.metrics["loss"][:, :2], calm.metrics["loss"][:, :2])
+
+
+def test_on_divergence_validation():
+    loss, params, batches = clock_problem()
+    with pytest.raises(ValueError, match="on_divergence"):
+        dj.simulate(loss, params, batches, np.eye(4), on_divergence="skip")
+    with pytest.raises(ValueError, match="on_divergence"):
+        dj.simulate(loss, params, batches, np.eye(4), on_divergence="isolate",
+                    mesh=dj.parallel.node_mesh())
+    with pytest.raises(ValueError, match="isolate"):
+        dj.atc(loss, optax.sgd(0.1), np.eye(4), isolate=1)
+
+
 # --------------------------------------------------------------------------------------------
 # (d) Property-based invariants of simulate and of the topology builders
 # --------------------------------------------------------------------------------------------

@@ -158,12 +158,62 @@ class Mixer(NamedTuple):
         """``W^t`` ``[n, n]`` (``t`` may be traced)."""
         return self.matrices[0] if self.period == 1 else self.matrices[t % self.period]
 
-    def apply(self, t, tree: PyTree) -> PyTree:
-        """Gossip of the stacked pytree ``tree`` (leaves ``[n, ...]``) at step ``t``."""
+    def weights_at(self, t) -> jax.Array:
+        """``[n, D]`` neighbour weights of step ``t`` (sparse mixers)."""
+        return self.weights[0] if self.period == 1 else self.weights[t % self.period]
+
+    def apply(self, t, tree: PyTree, finite: jax.Array | None = None) -> PyTree:
+        """Gossip of the stacked pytree ``tree`` (leaves ``[n, ...]``) at step ``t``.
+
+        Args:
+          t: the global step (may be traced).
+          tree: pytree, leaves ``[n, ...]``.
+          finite: optional ``[n]`` bool, which nodes' values are finite: then a zero weight
+            never carries a non-finite value (see :func:`isolate`). None: the plain product,
+            where ``0 · NaN = NaN`` reaches every row.
+        """
+        if finite is not None:
+            return isolate(self, t, tree, finite)
         if self.indices is None:
             return gossip_dense(self.matrix_at(t), tree)
-        w = self.weights[0] if self.period == 1 else self.weights[t % self.period]
-        return gossip_sparse(self.indices, w, tree)
+        return gossip_sparse(self.indices, self.weights_at(t), tree)
+
+    def listens_to(self, t, nodes: jax.Array) -> jax.Array:
+        """``[n]`` bool: node ``k`` gives a non-zero weight at step ``t`` to some node
+        flagged in ``nodes`` ``[n]`` bool."""
+        if self.indices is None:
+            return jnp.any((self.matrix_at(t) != 0) & nodes[None, :], axis=1)
+        flagged = jnp.concatenate([nodes, jnp.zeros((1,), bool)])  # padded slots: index n
+        return jnp.any((self.weights_at(t) != 0) & flagged[self.indices], axis=1)
+
+
+def isolate(mixer: Mixer, t, tree: PyTree, finite: jax.Array) -> PyTree:
+    """Gossip in which a zero weight never carries a non-finite value.
+
+    Rows of non-finite nodes enter the product as zeros, so ``θ_k ← Σ_j W[k, j] θ_j`` over
+    the finite senders is exactly what the plain kernel computes for a node that gives every
+    non-finite node weight 0; a node that gives one a non-zero weight (or is non-finite
+    itself) receives NaN in every float leaf: it diverges with its sender, and nobody else
+    does.
+
+    Args:
+      mixer: the gossip operator.
+      t: the global step.
+      tree: pytree, leaves ``[n, ...]``.
+      finite: ``[n]`` bool, which nodes' values are finite.
+
+    Returns:
+      The mixed pytree.
+    """
+    def mask(x, rows, value):
+        if not jnp.issubdtype(x.dtype, jnp.inexact):
+            return x
+        return jnp.where(rows.reshape((-1,) + (1,) * (x.ndim - 1)), jnp.asarray(value, x.dtype),
+                         x)
+
+    out = mixer.apply(t, jax.tree.map(lambda x: mask(x, ~finite, 0), tree))
+    tainted = mixer.listens_to(t, ~finite) | ~finite
+    return jax.tree.map(lambda y: mask(y, tainted, jnp.nan), out)
 
 
 def make_mixer(matrices: jax.Array, indices: np.ndarray | None = None) -> Mixer:

@@ -416,7 +416,7 @@ class RunPlan:
           ys: the chunk's outputs.
           offset: global index of the chunk's first step.
         """
-        if is_tracer(ys.loss):
+        if is_tracer(ys.loss) or self.sim.isolate:  # isolating runs go on (traj.diverged)
             return
         if ys.finite is None:
             if (bool(np.isfinite(np.asarray(ys.loss)).all())
@@ -492,6 +492,7 @@ def simulate(
     key: jax.Array | None = None,
     gossip_model_state: bool = False,
     consensus: bool = False,
+    on_divergence: str = "raise",
 ) -> Trajectory:
     """Simulates ATC decentralized learning for ``T`` steps.
 
@@ -542,6 +543,14 @@ def simulate(
         costs a pass over every parameter per step (the paper's CNN, 16 nodes: 43 → 33
         node-steps/s, benchmarks/RESULTS.md §2, finding 6); :func:`consensus_distance` of
         ``traj.final_params`` (or of any recorded state) gives it where needed.
+      on_divergence: ``"raise"`` (default): a non-finite loss or parameter stops the run
+        with ``FloatingPointError`` naming the first step and node (``check_finite``).
+        ``"isolate"``: the run goes on; a diverged node stays non-finite, its values never
+        travel through zero weights (:func:`dicejax.mixing.isolate`), so a node that does
+        not listen to it is exactly as if it had stayed finite, and one that does diverges
+        with it. ``traj.metrics["finite"]`` ``[T, n]`` holds the per-step flags and
+        ``traj.diverged`` ``[n]`` the step each node diverged at (−1: never). One device
+        only (no ``mesh``).
 
     Returns:
       A :class:`~dicejax.trajectory.Trajectory`.
@@ -555,7 +564,7 @@ def simulate(
                     chunk_steps=chunk_steps, initial_state=initial_state,
                     update_scale=update_scale, mesh=mesh, unroll=unroll, has_aux=has_aux,
                     model_state=model_state, key=key, gossip_model_state=gossip_model_state,
-                    consensus=consensus)
+                    consensus=consensus, on_divergence=on_divergence)
     state, outs, kept, kept_gates, done = plan.run_state, [], [], [], 0
     for chunk in _chunks(batches, chunk_steps):
         t_c = check_batches(chunk, plan.n)
@@ -584,7 +593,8 @@ def plan_run(loss_fn: LossFn, params: PyTree, batches: PyTree | Iterable[PyTree]
              initial_state: NodeState | None = None, update_scale: Any = None,
              mesh: jax.sharding.Mesh | None = None, unroll: int | None = None,
              has_aux: bool = False, model_state: PyTree = None, key: jax.Array | None = None,
-             gossip_model_state: bool = False, consensus: bool = False) -> RunPlan:
+             gossip_model_state: bool = False, consensus: bool = False,
+             on_divergence: str = "raise") -> RunPlan:
     """Checks :func:`simulate`'s arguments before any work and builds its :class:`RunPlan`.
 
     Takes :func:`simulate`'s arguments (``batches`` may be an iterator: then only the
@@ -609,10 +619,15 @@ def plan_run(loss_fn: LossFn, params: PyTree, batches: PyTree | Iterable[PyTree]
         raise ValueError("eval_batch: required when eval_every > 0")
     if mesh is None and mixing in ("ppermute", "all_gather"):
         raise ValueError(f"mixing: {mixing!r} shards the gossip and needs mesh=")
+    if on_divergence not in ("raise", "isolate"):
+        raise ValueError(f"on_divergence: must be 'raise' or 'isolate', got {on_divergence!r}")
+    if on_divergence == "isolate" and mesh is not None:
+        raise ValueError("on_divergence: 'isolate' runs on one device; it does not take mesh=")
     single = "sparse" if mixing in ("ppermute", "all_gather") else mixing
     sim = atc(loss_fn, optimizer, from_topology(topo, single, num_nodes=n), has_aux=has_aux,
               stateful=model_state is not None, rng=key is not None,
-              gossip_model_state=gossip_model_state, consensus=consensus)
+              gossip_model_state=gossip_model_state, consensus=consensus,
+              isolate=on_divergence == "isolate")
     state = initial_state if initial_state is not None else sim.init(params, model_state, key)
     fixed = _fixed_steps(topo)
     if not isinstance(batches, Iterator):

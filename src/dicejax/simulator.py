@@ -170,6 +170,11 @@ def node_finite(params: PyTree) -> jax.Array:
     return functools.reduce(jnp.logical_and, flags)
 
 
+def has_float_leaves(tree: PyTree) -> bool:
+    """Whether ``tree`` has an inexact (float or complex) leaf."""
+    return any(jnp.issubdtype(x.dtype, jnp.inexact) for x in jax.tree.leaves(tree))
+
+
 def gate(old: PyTree, new: PyTree, scale: jax.Array) -> PyTree:
     """Scales each node's change from ``old`` to ``new`` by its gate ``scale``.
 
@@ -244,6 +249,9 @@ class Simulator:
       finite: report per node whether its local update is finite, every step (one pass
         over the parameters; :func:`dicejax.simulate` checks chunk ends instead and replays
         a chunk with this on only when it diverged).
+      isolate: gossip through :func:`dicejax.mixing.isolate`: a node whose local update is
+        non-finite sends nothing through zero weights, so only the nodes that listen to it
+        diverge with it (implies the per-step finiteness flags).
     """
 
     mixer: Any
@@ -256,6 +264,7 @@ class Simulator:
     consensus: bool = pytrees.static_field(default=True)
     num_nodes: int | None = pytrees.static_field(default=None)
     finite: bool = pytrees.static_field(default=True)
+    isolate: bool = pytrees.static_field(default=False)
 
     # ----------------------------------------------------------------------------------------
     # the loss, whatever its form
@@ -374,11 +383,17 @@ class Simulator:
             opt_state = _apply_gate(state.opt_state, opt_state, g.state)
             if self.stateful:
                 model_state = _apply_gate(state.model_state, model_state, g.state)
-        finite = node_finite(half) if self.finite else None
-        params = self.mixer.apply(state.step, half)
+        finite = node_finite(half) if self.finite or self.isolate else None
+        if self.isolate:
+            params = self.mixer.apply(state.step, half, finite)
+        else:
+            params = self.mixer.apply(state.step, half)
         mixed_state = model_state
         if self.stateful and self.gossip_model_state:
-            mixed_state = self.mixer.apply(state.step, model_state)
+            if self.isolate and has_float_leaves(model_state):
+                mixed_state = self.mixer.apply(state.step, model_state, node_finite(model_state))
+            else:
+                mixed_state = self.mixer.apply(state.step, model_state)
         new = NodeState(params, opt_state, state.step + 1, mixed_state, state.key)
         out = StepOutput(
             loss, finite,
@@ -402,6 +417,7 @@ def atc(
     gossip_model_state: bool = False,
     consensus: bool = True,
     finite: bool = True,
+    isolate: bool = False,
 ) -> Simulator:
     """Adapt-then-combine decentralized learning: the :class:`Simulator` factory.
 
@@ -420,6 +436,8 @@ def atc(
         product per step).
       finite: report per node whether its local update is finite after every step
         (``StepOutput.finite``; one pass over the parameters per step).
+      isolate: a diverged node's non-finite values never travel through zero weights
+        (:func:`dicejax.mixing.isolate`); needs a :class:`~dicejax.mixing.Mixer`.
 
     Returns:
       A :class:`Simulator`.
@@ -436,13 +454,16 @@ def atc(
         mixer = mixing.from_topology(mixer)
     for name, value in (("has_aux", has_aux), ("stateful", stateful), ("rng", rng),
                         ("gossip_model_state", gossip_model_state), ("consensus", consensus),
-                        ("finite", finite)):
+                        ("finite", finite), ("isolate", isolate)):
         if not isinstance(value, bool):
             raise ValueError(f"{name}: must be a bool, got {value!r}")
     if gossip_model_state and not stateful:
         raise ValueError("gossip_model_state: needs a stateful simulator (stateful=True)")
+    if isolate and not isinstance(mixer, mixing.Mixer):
+        raise ValueError(f"isolate: needs a dicejax.mixing.Mixer (single-device gossip), got "
+                         f"{type(mixer).__name__}")
     return Simulator(mixer, loss_fn, optimizer, has_aux, stateful, rng, gossip_model_state,
-                     consensus, finite=finite)
+                     consensus, finite=finite, isolate=isolate)
 
 
 @pytrees.dataclass
@@ -565,6 +586,7 @@ __all__ = [
     "consensus_distance",
     "evaluate_nodes",
     "gate",
+    "has_float_leaves",
     "node_finite",
     "replicate",
     "run",

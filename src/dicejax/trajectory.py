@@ -30,6 +30,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from dicejax import pytrees
 from dicejax.pytrees import stack
@@ -57,7 +58,8 @@ class Trajectory:
       metrics: ``{"loss": [T, n]`` train loss ``L(θ_k^t; z_k^t)`` before each step,
         ``"consensus": [T]`` consensus distance after each gossip (when computed), with
         periodic evaluation ``"eval": {"step": [E], name: [E, n]}``, with ``has_aux``
-        ``"aux"``: the loss' auxiliary outputs, leaves ``[T, n, ...]``.
+        ``"aux"``: the loss' auxiliary outputs, leaves ``[T, n, ...]``, in isolating runs
+        ``"finite": [T, n]`` whether each local update was finite (see :attr:`diverged`).
       states: every state ``θ^0 .. θ^T`` (a NodeState with leaves ``[T+1, n, ...]``;
         recorded runs, else None).
       half_params: ``θ^{½} .. θ^{T-½}``, leaves ``[T, n, ...]`` (or None).
@@ -145,6 +147,8 @@ class Trajectory:
             metrics["consensus"] = outputs.consensus
         if outputs.aux is not None:
             metrics["aux"] = outputs.aux
+        if sim.isolate and outputs.finite is not None:
+            metrics["finite"] = outputs.finite
         if eval_metrics is not None:
             metrics["eval"] = eval_metrics
         start = int(initial_state.step)
@@ -174,6 +178,18 @@ class Trajectory:
     def num_nodes(self) -> int:
         """``n``."""
         return int(self.metrics["loss"].shape[1])
+
+    @property
+    def diverged(self) -> np.ndarray:
+        """``[n]`` int: the global step at which each node's local update ``θ_k^{t+½}``
+        first became non-finite, −1 for nodes that never diverged (runs with
+        ``on_divergence="isolate"``; other runs stop at a divergence, so all −1)."""
+        n = self.num_nodes
+        if "finite" not in self.metrics:
+            return np.full(n, -1)
+        bad = ~np.asarray(self.metrics["finite"])
+        first = np.where(bad.any(axis=0), np.argmax(bad, axis=0) + self.start_step, -1)
+        return first.astype(np.int64)
 
     @property
     def recorded(self) -> bool:
