@@ -127,24 +127,33 @@ def _scalar_loss(loss_fn, has_aux, stateful, rng):
         params, model_state, batch, key)[0]
 
 
-def one_node_shapes(state: NodeState, batches: PyTree) -> tuple[tuple, PyTree, Any]:
-    """Shapes of one node's ``(params, model_state)``, of its batch and of its PRNG key
-    (``jax.ShapeDtypeStruct`` leaves: tracing the loss needs no slice of the arrays, which
-    would cost an eager dispatch per leaf)."""
+def one_node_loss_jaxpr(sim: Simulator, state: NodeState, batches: PyTree):
+    """``(jaxpr, output shape)`` of one node's loss at the shapes of ``state`` and
+    ``batches``.
+
+    Traced from ``jax.ShapeDtypeStruct`` leaves (a slice of the arrays would cost an eager
+    dispatch per leaf) and cached per loss and shapes, so the loss checks and
+    :func:`auto_unroll` of a second call with equal shapes trace nothing. A failing trace
+    raises again; it is not cached.
+    """
     def drop(x, k):
         return jax.ShapeDtypeStruct(jnp.shape(x)[k:], jnp.result_type(x))
     one = jax.tree.map(lambda x: drop(x, 1), (state.params, state.model_state))
     batch = jax.tree.map(lambda x: drop(x, 2), batches)
     key = None if state.key is None else drop(state.key, 0)
-    return one, batch, key
+    leaves, treedef = jax.tree.flatten((*one, batch, key))
+    return _traced(scalar_loss(sim), treedef, tuple(leaves))
+
+
+@functools.lru_cache(maxsize=256)
+def _traced(loss, treedef, shapes: tuple):
+    return jax.make_jaxpr(loss, return_shape=True)(*jax.tree.unflatten(treedef, list(shapes)))
 
 
 def check_loss_output(sim: Simulator, state: NodeState, batches: PyTree) -> None:
     """Checks that the loss returns a real scalar (and its form's extras) for one node."""
-    one, batch, key = one_node_shapes(state, batches)
-    leaves, treedef = jax.tree.flatten((*one, batch, key))
     try:
-        out = _loss_output(scalar_loss(sim), treedef, tuple(leaves))
+        out = one_node_loss_jaxpr(sim, state, batches)[1]
     except (TypeError, ValueError) as err:
         forms = ("loss_fn(params, model_state, batch" if sim.stateful else "loss_fn(params, batch")
         forms += ", key)" if sim.rng else ")"
@@ -153,13 +162,6 @@ def check_loss_output(sim: Simulator, state: NodeState, batches: PyTree) -> None
     if getattr(out, "shape", None) != () or not jnp.issubdtype(out.dtype, jnp.floating):
         raise ValueError(f"loss_fn: must return a real scalar loss for one node's batch, got "
                          f"{getattr(out, 'shape', out)} {getattr(out, 'dtype', '')}")
-
-
-@functools.lru_cache(maxsize=256)
-def _loss_output(loss, treedef, shapes: tuple):
-    """``eval_shape`` of one node's loss at these shapes (cached: a second call with equal
-    shapes traces nothing; a failing trace raises again, it is not cached)."""
-    return jax.eval_shape(loss, *jax.tree.unflatten(treedef, list(shapes)))
 
 
 def check_update_scale(scale, n: int) -> jax.Array | None:
@@ -262,17 +264,8 @@ def auto_unroll(sim: Simulator, state: NodeState, batches: PyTree, platform: str
     else 0 (one ordinary scan)."""
     if platform != "cpu":
         return 0
-    one, batch, key = one_node_shapes(state, batches)
-    leaves, treedef = jax.tree.flatten((*one, batch, key))
-    return CONV_UNROLL if _loss_has_conv(scalar_loss(sim), treedef, tuple(leaves)) else 0
-
-
-@functools.lru_cache(maxsize=256)
-def _loss_has_conv(loss, treedef, shapes: tuple) -> bool:
-    """Whether ``loss`` traced at these shapes has a convolution (cached: one trace per
-    loss and shapes, not one per call)."""
-    jaxpr = jax.make_jaxpr(loss)(*jax.tree.unflatten(treedef, list(shapes)))
-    return has_primitive(jaxpr, "conv_general_dilated")
+    jaxpr = one_node_loss_jaxpr(sim, state, batches)[0]
+    return CONV_UNROLL if has_primitive(jaxpr, "conv_general_dilated") else 0
 
 
 def run_chunk(sim: Simulator, state: NodeState, batches: PyTree, gates: Gate | None, *,
@@ -668,7 +661,7 @@ __all__ = [
     "init",
     "loss_evaluation",
     "node_finite",
-    "one_node_shapes",
+    "one_node_loss_jaxpr",
     "plan_run",
     "raise_if_diverged",
     "replicate",
