@@ -31,7 +31,7 @@ def node(tree, *idx):
 
 
 def explicit_steps(loss_fn, optimizer, params, opt_states, batches, matrices, drop=None,
-                   scales=None):
+                   scales=None, combine=None):
     """Runs len(matrices) ATC steps with explicit loops; node ``drop`` skips its first update.
 
     Args:
@@ -40,6 +40,8 @@ def explicit_steps(loss_fn, optimizer, params, opt_states, batches, matrices, dr
       matrices: [r, n, n].
       drop: source whose update at the first step is removed (keeps θ_j^t and its state).
       scales: optional [r, n] factors on each node's update (0: no update, state kept).
+      combine: optional ``combine(half, W) -> params`` on lists of per-node pytrees (a
+        robust rule); default the weighted sum over ``W``'s non-zero entries.
 
     Returns:
       List over s = 1..r of lists of per-node params.
@@ -58,6 +60,11 @@ def explicit_steps(loss_fn, optimizer, params, opt_states, batches, matrices, dr
             else:
                 half.append(jax.tree.map(lambda p, u, c=sigma: p + c * u, params[k], upd))
                 new_opt.append(st)  # a scaled sender still trains normally
+        if combine is not None:
+            params = combine(half, W)
+            opt_states = new_opt
+            out.append(params)
+            continue
         params = []
         for k in range(n):
             acc = jax.tree.map(jnp.zeros_like, half[k])
@@ -98,20 +105,22 @@ def probe_loss(loss_fn, probe):
     return lambda p: loss_fn(p, probe)
 
 
-def gt_brute(loss_fn, traj, probe, t, hops, q):
-    """DICE-GT^(r) of every source by explicit counterfactual re-runs and BFS shells."""
+def gt_brute(loss_fn, traj, probe, t, hops, q, combine=None):
+    """DICE-GT^(r) of every source by explicit counterfactual re-runs and BFS shells
+    (``combine``: see :func:`explicit_steps`)."""
     n = traj.num_nodes
     params, opts = traj_nodes(traj, t)
     mats = np.asarray(traj.matrices(t, t + hops))
     batches = jax.tree.map(lambda x: x[t : t + hops], traj.batches)
     scales = None if traj.update_scale is None else np.asarray(traj.update_scale[t : t + hops])
-    actual = explicit_steps(loss_fn, traj.optimizer, params, opts, batches, mats, scales=scales)
+    actual = explicit_steps(loss_fn, traj.optimizer, params, opts, batches, mats, scales=scales,
+                            combine=combine)
     sh = shells_bfs(mats)
     L = probe_loss(loss_fn, probe)
     scores, network = [], []
     for j in range(n):
         cf = explicit_steps(loss_fn, traj.optimizer, params, opts, batches, mats, drop=j,
-                            scales=scales)
+                            scales=scales, combine=combine)
         half_j = node(traj.half_params, t, j)
         total = q[j] * (float(L(half_j)) - float(L(params[j])))
         for s in range(hops):

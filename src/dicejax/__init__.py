@@ -14,8 +14,8 @@ The curated public API::
 
     dj.influence.dice_e(loss_fn, traj, probe, step=3, hops=2)
 
-``import dicejax`` loads the core (topology, mixing, simulator, trajectory, simulate,
-influence, parallel); ``apps``, ``attacks``, ``checkpoint`` (Orbax), ``data``
+``import dicejax`` loads the core (topology, mixing, robust, simulator, trajectory,
+simulate, influence, parallel); ``apps``, ``attacks``, ``checkpoint`` (Orbax), ``data``
 (scikit-learn), ``models`` (flax.linen), ``topology_opt`` and ``experiments`` load on first
 use.
 """
@@ -23,7 +23,7 @@ use.
 import importlib
 from typing import Any
 
-from dicejax import influence, mixing, parallel, topology
+from dicejax import influence, mixing, parallel, robust, topology
 from dicejax.simulate import init, simulate
 from dicejax.simulator import (
     Gate,
@@ -74,6 +74,7 @@ __all__ = [
     "models",
     "parallel",
     "replicate",
+    "robust",
     "run",
     "simulate",
     "topology",

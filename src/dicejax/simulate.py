@@ -22,7 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from dicejax import parallel
+from dicejax import parallel, robust
 from dicejax import topology as topo_lib
 from dicejax.mixing import Method, from_topology
 from dicejax.pytrees import concat
@@ -486,6 +486,7 @@ def simulate(
     gossip_model_state: bool = False,
     consensus: bool = False,
     on_divergence: str = "raise",
+    aggregator: Any = None,
 ) -> Trajectory:
     """Simulates ATC decentralized learning for ``T`` steps.
 
@@ -544,6 +545,12 @@ def simulate(
         with it. ``traj.metrics["finite"]`` ``[T, n]`` holds the per-step flags and
         ``traj.diverged`` ``[n]`` the step each node diverged at (−1: never). One device
         only (no ``mesh``).
+      aggregator: the combine step's rule: None (default) or ``"mean"``, plain gossip;
+        a :class:`dicejax.robust.Aggregator` (``robust.trimmed_mean(trim)``,
+        ``robust.median()``, ``robust.clipped_gossip(tau)``) or its name, Byzantine-robust
+        gossip over the graph's support (see :mod:`dicejax.robust`). One device only; DICE's
+        estimators refuse such runs (the rules are not linear in ``W``), ``dice_gt`` and
+        ``leave_one_out`` re-run the rule.
 
     Returns:
       A :class:`~dicejax.trajectory.Trajectory`.
@@ -557,7 +564,7 @@ def simulate(
                     chunk_steps=chunk_steps, initial_state=initial_state,
                     update_scale=update_scale, mesh=mesh, unroll=unroll, has_aux=has_aux,
                     model_state=model_state, key=key, gossip_model_state=gossip_model_state,
-                    consensus=consensus, on_divergence=on_divergence)
+                    consensus=consensus, on_divergence=on_divergence, aggregator=aggregator)
     state, outs, kept, kept_gates, done = plan.run_state, [], [], [], 0
     for chunk in _chunks(batches, chunk_steps):
         t_c = check_batches(chunk, plan.n)
@@ -587,7 +594,7 @@ def plan_run(loss_fn: LossFn, params: PyTree, batches: PyTree | Iterable[PyTree]
              mesh: jax.sharding.Mesh | None = None, unroll: int | None = None,
              has_aux: bool = False, model_state: PyTree = None, key: jax.Array | None = None,
              gossip_model_state: bool = False, consensus: bool = False,
-             on_divergence: str = "raise") -> RunPlan:
+             on_divergence: str = "raise", aggregator: Any = None) -> RunPlan:
     """Checks :func:`simulate`'s arguments before any work and builds its :class:`RunPlan`.
 
     Takes :func:`simulate`'s arguments (``batches`` may be an iterator: then only the
@@ -616,8 +623,14 @@ def plan_run(loss_fn: LossFn, params: PyTree, batches: PyTree | Iterable[PyTree]
         raise ValueError(f"on_divergence: must be 'raise' or 'isolate', got {on_divergence!r}")
     if on_divergence == "isolate" and mesh is not None:
         raise ValueError("on_divergence: 'isolate' runs on one device; it does not take mesh=")
+    rule = robust.as_aggregator(aggregator)
+    if rule is not None and mesh is not None:
+        raise ValueError("aggregator: robust gossip runs on one device; it does not take mesh=")
     single = "sparse" if mixing in ("ppermute", "all_gather") else mixing
-    sim = atc(loss_fn, optimizer, from_topology(topo, single, num_nodes=n), has_aux=has_aux,
+    mixer = from_topology(topo, single, num_nodes=n)
+    if rule is not None:
+        mixer = rule.wrap(mixer)
+    sim = atc(loss_fn, optimizer, mixer, has_aux=has_aux,
               stateful=model_state is not None, rng=key is not None,
               gossip_model_state=gossip_model_state, consensus=consensus,
               isolate=on_divergence == "isolate")

@@ -45,7 +45,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from dicejax import mixing, pytrees
+from dicejax import mixing, pytrees, robust
 
 PyTree = Any
 LossFn = Callable[..., Any]
@@ -437,7 +437,8 @@ def atc(
       finite: report per node whether its local update is finite after every step
         (``StepOutput.finite``; one pass over the parameters per step).
       isolate: a diverged node's non-finite values never travel through zero weights
-        (:func:`dicejax.mixing.isolate`); needs a :class:`~dicejax.mixing.Mixer`.
+        (:func:`dicejax.mixing.isolate`); needs a :class:`~dicejax.mixing.Mixer` (or a
+        :class:`~dicejax.robust.RobustMixer`, which does not hear non-finite nodes).
 
     Returns:
       A :class:`Simulator`.
@@ -459,7 +460,7 @@ def atc(
             raise ValueError(f"{name}: must be a bool, got {value!r}")
     if gossip_model_state and not stateful:
         raise ValueError("gossip_model_state: needs a stateful simulator (stateful=True)")
-    if isolate and not isinstance(mixer, mixing.Mixer):
+    if isolate and not isinstance(mixer, mixing.Mixer | robust.RobustMixer):
         raise ValueError(f"isolate: needs a dicejax.mixing.Mixer (single-device gossip), got "
                          f"{type(mixer).__name__}")
     return Simulator(mixer, loss_fn, optimizer, has_aux, stateful, rng, gossip_model_state,

@@ -68,6 +68,7 @@ from dicejax.influence.rerun import (
     rerun_simulator,
 )
 from dicejax.mixing import make_mixer
+from dicejax.robust import RobustMixer
 from dicejax.simulator import Gate, LossFn, run
 from dicejax.trajectory import Trajectory
 
@@ -306,7 +307,7 @@ def _query(loss_fn: LossFn, traj: Any, probe: PyTree, node_weights: Any) -> jax.
     step); returns ``q`` ``[n]`` in the trajectory's float dtype."""
     if not isinstance(traj, Trajectory):
         raise ValueError(f"traj: must be a Trajectory from dicejax.simulate, got {type(traj)}")
-    q = check_query(traj, probe, 0, traj.num_steps, node_weights, loss_fn)
+    q = check_query(traj, probe, 0, traj.num_steps, node_weights, loss_fn, reruns=True)
     return q.astype(float_dtype(traj))
 
 
@@ -409,6 +410,9 @@ def leave_one_out(loss_fn: LossFn, traj: Trajectory, probe: PyTree, *,
     check_budget(memory_budget)
     q = _query(loss_fn, traj, probe, node_weights)
     n = traj.num_nodes
+    if mode == "node" and isinstance(traj.mixer, RobustMixer):
+        raise ValueError("mode: 'node' re-wires W, which a robust combine rule does not "
+                         "average with; use mode='data' for runs with an aggregator")
     if mode == "node" and jnp.shape(getattr(traj.mixer, "matrices", None))[1:] != (n, n):
         raise ValueError("traj: mode='node' needs the run's per-step matrices [P, n, n] "
                          "(mixer.matrices); re-run a sharded run without a mesh")

@@ -609,7 +609,8 @@ def gt_cascade(
     Raises:
       ValueError: for bad arguments, or when even one source does not fit the budget.
     """
-    q = check_query(traj, probe, step, hops, node_weights, loss_fn).astype(float_dtype(traj))
+    q = check_query(traj, probe, step, hops, node_weights, loss_fn,
+                    reruns=True).astype(float_dtype(traj))
     plan = plan_cascade(loss_fn, traj, probe, step, hops, kind="gt", sources=sources, mode=mode,
                         batch_size=batch_size, memory_budget=memory_budget)
     if plan.mode == "reach":

@@ -33,6 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from dicejax.mixing import Mixer
+from dicejax.robust import RobustMixer
 from dicejax.simulator import Gate, LossFn, NodeState, Simulator, run
 from dicejax.trajectory import Trajectory
 
@@ -219,17 +220,25 @@ def _probe_loss_fn(loss_fn, has_aux, stateful, rng):
 
 
 def check_query(
-    traj: Trajectory, probe: PyTree, step: int, hops: int, node_weights, loss_fn: LossFn
+    traj: Trajectory, probe: PyTree, step: int, hops: int, node_weights, loss_fn: LossFn, *,
+    reruns: bool = False,
 ) -> jax.Array:
     """Validates an influence query; returns the node weights ``q`` ``[n]``.
 
     ``step`` is a *local* index (``0 <= step < T``, the position in the trajectory) and
-    ``step + hops <= T``.
+    ``step + hops <= T``. ``reruns``: the query only re-runs recorded steps, so it stays
+    exact under a robust combine rule (:mod:`dicejax.robust`); other queries linearise the
+    gossip through ``W`` and refuse such runs.
     """
     if not isinstance(traj, Trajectory):
         raise ValueError(f"traj: must be a Trajectory from dicejax.simulate, got {type(traj)}")
     if not traj.recorded:
         raise ValueError("traj: was run with record=False; influence needs record=True")
+    if not reruns and isinstance(traj.mixer, RobustMixer):
+        raise ValueError(
+            f"traj: ran with robust gossip ({traj.mixer.aggregator.rule}), which is not "
+            "linear in W; this estimator linearises the gossip through W. Re-run forms stay "
+            "exact: dice_gt, apps.contribution.leave_one_out / shapley")
     T, n = traj.num_steps, traj.num_nodes
     check_step(step, "step", T)
     if isinstance(hops, bool) or not isinstance(hops, int | np.integer) or hops < 1:
