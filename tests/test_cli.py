@@ -276,6 +276,7 @@ def test_option_names_mirror_the_library():
     assert set(options.TOPOLOGIES) == set(_BY_NAME)
     assert options.ATTACKS == anomaly.ATTACKS
     assert options.ARMS == rewire.ARMS
+    assert options.ALL_ARMS == rewire.ALL_ARMS
     assert set(options.OBJECTIVES) == set(topology_opt.OBJECTIVES)
     assert set(options.PARAMETERIZATIONS) == set(topo_exp.PARAMETERIZATIONS)
     assert options.BASELINES == topo_exp.BASELINES

@@ -9,6 +9,7 @@ honest node that can drop it.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 
 import jax
@@ -26,6 +27,7 @@ from dicejax.commands import rewire as rewire_cmd
 from dicejax.experiments.common import RunConfig
 from dicejax.experiments.rewire import attacker_weight, default_keep, rewiring
 from dicejax.influence import proximal, proximal_steps
+from dicejax.mixing import from_topology
 from dicejax.simulate import simulate
 
 # ---------------------------------------------------------------------------------------------
@@ -148,6 +150,31 @@ def test_rewire_replays_and_accumulates_exactly():
                                atol=1e-14)
     np.testing.assert_allclose(res.rewire.matrix, brute_select(np.where(cands, total, 0),
                                                                cands, 1), atol=0)
+
+
+def test_rewire_with_a_robust_rule_replays_and_scores_its_own_run():
+    """Each period runs the rule over its chosen graph (a replay of the schedule with the
+    rule is bit for bit the same run), and the scores are the per-unit-weight proximal
+    influence of that run's updates, accumulated as without a rule."""
+    n, T, period = 6, 8, 4
+    loss, params, batches, probe = make_problem(n=n, steps=T, model="tanh")
+    opt = optax.sgd(0.3)
+    res = co.rewire(loss, params, batches, tp.exponential(n), opt, probe, keep=2,
+                    period=period, aggregator="median")
+    replay = simulate(loss, params, batches, res.schedule, opt, record=True, mixing="dense",
+                      aggregator="median")
+    for a, b in zip(jax.tree.leaves(replay.final_params), jax.tree.leaves(res.state.params)):
+        np.testing.assert_array_equal(a, b)
+    plain = simulate(loss, params, batches, res.schedule, opt, mixing="dense")
+    assert not np.allclose(jax.tree.leaves(plain.final_params)[0],
+                           jax.tree.leaves(replay.final_params)[0])
+    scored = replay.replace(simulator=replay.simulator.replace(
+        mixer=from_topology(res.schedule, "dense")))
+    total = sum(np.asarray(proximal(loss, scored, probe, step=t, weighted=False))
+                for t in range(period))
+    cands = (tp.exponential(n).matrix > 0) & ~np.eye(n, dtype=bool)
+    np.testing.assert_allclose(res.rewire.influence, np.where(cands, total, 0), rtol=1e-9,
+                               atol=1e-14)
 
 
 def test_rewire_stride_and_controls():
@@ -282,6 +309,7 @@ def test_rewire_cli_on_digits(tmp_path):
 @pytest.mark.parametrize(("kwargs", "name"), [
     (dict(attack="backdoor"), "attack"),
     (dict(arms=["fixed", "magic"]), "arms"),
+    (dict(arms=["oracle+median"]), "arms"),
     (dict(arms=[]), "arms"),
     (dict(keep=0), "keep"),
     (dict(period=10), "period"),
@@ -292,6 +320,30 @@ def test_rewire_cli_on_digits(tmp_path):
 def test_rewiring_validation(kwargs, name):
     with pytest.raises(ValueError, match=name):
         rewiring(RunConfig(nodes=16, steps=10), **{"period": 5, **kwargs})
+
+
+@pytest.mark.slow
+def test_rewiring_rule_arms_run_the_rule():
+    """``fixed+median`` is the attacked fixed graph gossiped by the median: its accuracy is
+    that of a direct ``simulate(..., aggregator="median")`` run of the same seed."""
+    from dicejax.experiments.anomaly import apply_attack, corruption_for
+    from dicejax.experiments.common import build, evaluate_params, pick_attackers
+    config = RunConfig(nodes=8, steps=12, topology="exponential", samples_per_node=64)
+    out = rewiring(config, "label_permutation", attackers=2, period=6, seeds=[0],
+                   arms=["fixed", "fixed+median", "influence+trimmed_mean"])
+    arms = out["per_seed"][0]["arms"]
+    assert list(arms) == ["fixed", "fixed+median", "influence+trimmed_mean"]
+    cfg = dataclasses.replace(config, seed=0)
+    setup = build(cfg)
+    chosen = pick_attackers(2, 8, 0)
+    batches, scale = apply_attack(setup, "label_permutation",
+                                  corruption_for("label_permutation", 10.0, 0), chosen, 0)
+    traj = simulate(setup.loss_fn, setup.params, batches, setup.topology, setup.optimizer,
+                    record=False, update_scale=scale, aggregator="median")
+    acc = np.asarray(evaluate_params(setup.eval_fn, traj.final_params, setup.test)["accuracy"])
+    honest = np.setdiff1d(np.arange(8), chosen)
+    np.testing.assert_allclose(arms["fixed+median"]["accuracy"], acc[honest].mean(),
+                               rtol=1e-6)
 
 
 def test_default_keep_is_the_in_degree():

@@ -39,6 +39,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from dicejax import robust
 from dicejax import topology as topo_lib
 from dicejax.influence.proximal import proximal_steps
 from dicejax.mixing import make_mixer
@@ -211,6 +212,7 @@ def rewire(
     chooser: Callable[[RewireState, jax.Array | None, int], RewireState] | None = None,
     score: bool = True,
     callback: Callable[[int, RewireState], None] | None = None,
+    aggregator: Any = None,
 ) -> RewireResult:
     """Decentralized training in which every node periodically re-chooses its collaborators.
 
@@ -241,6 +243,9 @@ def rewire(
       score: ``False`` skips recording and scoring; ``chooser`` then gets
         ``influence_steps=None`` (controls that ignore influence).
       callback: called after each rewiring with ``(step, new RewireState)``.
+      aggregator: a robust combine rule (:mod:`dicejax.robust`, or its name) each period
+        runs over its chosen graph; None: plain gossip. The scores stay the per-unit-weight
+        proximal influence ``q_k g_k^{t+1} · v_j`` of each candidate's update.
 
     Returns:
       A :class:`RewireResult`.
@@ -257,14 +262,18 @@ def rewire(
     dtype = jnp.result_type(jax.tree.leaves(params)[0])
     state = init(topology, candidates, dtype)
     chooser = (lambda s, g, k: update(s, g, k, decay)) if chooser is None else chooser
+    rule = robust.as_aggregator(aggregator)
     plan = plan_run(loss_fn, params, batches, state.matrix, optimizer, mixing="dense",
-                    update_scale=update_scale)
+                    update_scale=update_scale, aggregator=rule)
     node_state, schedule, losses = plan.run_state, [], []
     for lo in range(0, T, int(period)):
         hi = min(lo + int(period), T)
-        plan.use_mixer(make_mixer(state.matrix[None]))
+        mixer = make_mixer(state.matrix[None])
+        plan.use_mixer(mixer if rule is None else rule.wrap(mixer))
         node_state, traj = plan.run_window(node_state, batches, lo, hi,
                                            record=score and hi < T)
+        if rule is not None and score and hi < T:  # the scores read no weights
+            traj = traj.replace(simulator=traj.simulator.replace(mixer=mixer))
         schedule.append(jnp.broadcast_to(state.matrix, (hi - lo, *state.matrix.shape)))
         losses.append(traj.metrics["loss"])
         if hi < T:

@@ -40,9 +40,10 @@ def register(subparsers, run_args: Callable[..., object],
                    help="score every S-th step of each period")
     g.add_argument("--decay", type=options.positive_float, default=1.0, metavar="D",
                    help="per-step discount of older influence, in (0, 1] (1: plain sum)")
-    g.add_argument("--arms", type=options.name_list(options.ARMS), default=list(options.ARMS),
-                   metavar="A,B,...",
-                   help=f"comma-separated subset of {','.join(options.ARMS)} (default: all)")
+    g.add_argument("--arms", type=options.name_list(options.ALL_ARMS),
+                   default=list(options.ARMS), metavar="A,B,...",
+                   help=f"comma-separated names from {','.join(options.ALL_ARMS)} (default: "
+                        f"{','.join(options.ARMS)}; '+rule' arms gossip with a robust rule)")
     g.add_argument("--seeds", type=options.positive_int, default=5, metavar="K",
                    help="number of seeds: --seed, --seed + 1, ...")
     g.add_argument("--std", type=options.positive_float, default=10.0, metavar="S",
@@ -53,7 +54,7 @@ def register(subparsers, run_args: Callable[..., object],
 def check(a: argparse.Namespace) -> None:
     """``--keep < --nodes``, ``--period < --steps``, ``--decay <= 1``, attackers."""
     if isinstance(a.arms, str):  # a caller's string default
-        a.arms = options.name_list(options.ARMS)(a.arms)
+        a.arms = options.name_list(options.ALL_ARMS)(a.arms)
     if a.keep is not None and a.keep >= a.nodes:
         raise options.UsageError(f"--keep: {a.keep} in-neighbours need more than --nodes "
                                  f"{a.nodes} nodes (at most {a.nodes - 1})")

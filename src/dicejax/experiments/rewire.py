@@ -11,7 +11,11 @@ fraction of the nodes have corrupted data, or gated updates) and trains it under
 * ``random`` — the same degree, ``keep`` candidates drawn at random each period (control:
   is it the influence, or just fewer neighbours?);
 * ``oracle`` — the same degree, honest candidates first, drawn at random each period (the
-  ceiling of selection: what knowing the attackers would give).
+  ceiling of selection: what knowing the attackers would give);
+* ``fixed+<rule>`` and ``influence+<rule>`` — the ``fixed`` and ``influence`` arms with a
+  Byzantine-robust combine rule instead of the weighted average (:mod:`dicejax.robust`:
+  ``trimmed_mean`` drops 1 value at each end, ``median``, ``clipped_gossip`` with the
+  median-distance radius): the field's defences, alone and with rewiring.
 
 Reported per arm: the honest nodes' mean test accuracy after ``T`` steps, and the weight
 honest nodes put on attackers (their rows' attacker mass, averaged over honest nodes), over
@@ -30,6 +34,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from dicejax import robust
 from dicejax.apps import collaborators
 from dicejax.experiments.anomaly import ATTACKS, apply_attack, corruption_for
 from dicejax.experiments.common import (
@@ -45,6 +50,8 @@ from dicejax.experiments.common import (
 from dicejax.simulate import simulate
 
 ARMS = ("clean", "fixed", "influence", "random", "oracle")
+RULE_ARMS = tuple(f"{base}+{rule}" for base in ("fixed", "influence") for rule in robust.RULES)
+ALL_ARMS = ARMS + RULE_ARMS
 
 
 def _random_chooser(seed: int, penalty: jax.Array | None = None):
@@ -105,7 +112,7 @@ def rewiring(
         largest in-degree, so rewiring keeps the degree).
       period: steps between rewirings.
       seeds: seeds of data, initialisation, corruption and attackers.
-      arms: a subset of :data:`ARMS`.
+      arms: names from :data:`ALL_ARMS` (default: the five :data:`ARMS`).
       candidates: whom a node may choose from: ``all`` (every other node; the starting
         graph is only the first period's choice) or ``graph`` (its in-neighbours in the
         starting graph; then ``keep`` must be below the in-degree for any choice).
@@ -129,8 +136,8 @@ def rewiring(
     if attack not in ATTACKS:
         raise ValueError(f"attack: must be one of {ATTACKS}, got {attack!r}")
     arms = list(arms)
-    if not arms or any(a not in ARMS for a in arms) or len(set(arms)) != len(arms):
-        raise ValueError(f"arms: must be distinct names from {ARMS}, got {arms!r}")
+    if not arms or any(a not in ALL_ARMS for a in arms) or len(set(arms)) != len(arms):
+        raise ValueError(f"arms: must be distinct names from {ALL_ARMS}, got {arms!r}")
     seeds = list(seeds)
     if not seeds or not all(isinstance(s, int | np.integer) for s in seeds):
         raise ValueError(f"seeds: must be a non-empty sequence of integers, got {seeds!r}")
@@ -233,11 +240,13 @@ def _one_seed(config: RunConfig, attack: str, corruption, attackers, keep: int, 
             continue
         tic = time.perf_counter()
         say = (lambda done, arm=arm: progress(arm, done)) if progress is not None else None
-        if arm in ("clean", "fixed"):
-            clean = arm == "clean"
+        base, _, rule = arm.partition("+")
+        rule = rule or None
+        if base in ("clean", "fixed"):
+            clean = base == "clean"
             traj = simulate(setup.loss_fn, setup.params, clean_batches if clean else batches,
                             setup.topology, optimizer, record=False,
-                            update_scale=None if clean else scale,
+                            update_scale=None if clean else scale, aggregator=rule,
                             chunk_steps=max(1, T // 20),
                             callback=None if say is None else (lambda state, d, say=say: say(d)))
             params = traj.final_params
@@ -245,11 +254,11 @@ def _one_seed(config: RunConfig, attack: str, corruption, attackers, keep: int, 
             final = matrix
         else:
             chooser = {"influence": None, "random": _random_chooser(config.seed),
-                       "oracle": _oracle_chooser(chosen, n, config.seed)}[arm]
+                       "oracle": _oracle_chooser(chosen, n, config.seed)}[base]
             res = collaborators.rewire(
                 setup.loss_fn, setup.params, batches, matrix, optimizer, setup.probe, keep,
                 period, candidates=pool, decay=decay, update_scale=scale, stride=stride,
-                chooser=chooser, score=arm == "influence",
+                chooser=chooser, score=base == "influence", aggregator=rule,
                 callback=None if say is None else (lambda done, state, say=say: say(done)))
             params, schedule, final = res.state.params, res.schedule, res.rewire.matrix
         acc = np.asarray(evaluate_params(setup.eval_fn, params, setup.test)["accuracy"])
@@ -270,4 +279,4 @@ def _one_seed(config: RunConfig, attack: str, corruption, attackers, keep: int, 
     return {"seed": config.seed, "attackers": chosen, "arms": results}
 
 
-__all__ = ["ARMS", "attacker_weight", "default_keep", "rewiring"]
+__all__ = ["ALL_ARMS", "ARMS", "RULE_ARMS", "attacker_weight", "default_keep", "rewiring"]
