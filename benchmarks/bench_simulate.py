@@ -4,10 +4,12 @@ machine's own matrix-multiply peak.
 Problem (every method computes the same thing, checked before timing): ATC decentralized
 SGD (DESIGN §2.1), plain SGD ``lr = 0.1``, exponential graph on ``n`` nodes (the paper's;
 ``⌊log2(n−1)⌋ + 1`` in-neighbours, self included), every node starting from the same
-initial weights, batch ``B = 32`` of MNIST-sized synthetic images (``28×28×1``, standard
-normal pixels, uniform labels over 10 classes, seeded; nothing is downloaded), float32.
-Models: ``mlp`` = 784→128→10 (ReLU), ``cnn`` = the paper's CNN (conv 32 → pool → conv 64
-→ pool → 128 → 10).
+initial weights, batch ``B = 32`` of synthetic images (standard normal pixels, uniform
+labels over 10 classes, seeded; nothing is downloaded), float32: MNIST-sized ``28×28×1``
+for ``mlp`` = 784→128→10 (ReLU) and ``cnn`` = the paper's CNN (conv 32 → pool → conv 64
+→ pool → 128 → 10); CIFAR-sized ``32×32×3`` for ``resnet18`` = the GroupNorm ResNet-18 of
+:class:`dicejax.models.ResNet18` (width ``--resnet-width``; 64 = the standard network, 11.2 M
+parameters and ~3.3 GFLOP per image per SGD step, so it is not in the default ``--models``).
 
 Methods (see ``benchmarks/torch_baselines.py``):
 
@@ -34,6 +36,7 @@ Usage::
     python benchmarks/bench_simulate.py                     # the CPU set (make bench)
     python benchmarks/bench_simulate.py --quick             # smoke test, ~1 minute
     python benchmarks/bench_simulate.py --models mlp --nodes 16 --repeats 7
+    python benchmarks/bench_simulate.py --models resnet18 --methods dicejax,reference,func
     python benchmarks/bench_simulate.py --device cuda --nodes 16,256,1024,4096   # GPU
 """
 
@@ -70,10 +73,12 @@ except ImportError:  # the torch baselines are optional (pip install -e '.[bench
     torch = tb = None
 
 DEFAULT_OUT = common.RESULTS_DIR / "bench_simulate.json"
-INPUT_SHAPE = (28, 28, 1)
+INPUT_SHAPE = (28, 28, 1)  # the mlp's and the cnn's
+INPUT_SHAPES = {"mlp": INPUT_SHAPE, "cnn": INPUT_SHAPE, "resnet18": (32, 32, 3)}
 NUM_CLASSES = 10
 # node-steps per timed run (T = target / n, clamped to [min_steps, max_steps])
-TARGET_NODE_STEPS = {"mlp": 640, "cnn": 24}
+TARGET_NODE_STEPS = {"mlp": 640, "cnn": 24, "resnet18": 8}
+CONV_MODELS = ("cnn", "resnet18")  # --cnn-max-nodes and --cnn-repeats apply to these
 HEADLINE = {"model": "mlp", "n": 16}  # the issue's goals are stated for this case
 GOALS = {"vs_reference": 10.0, "vs_compiled": 1.5, "peak_fraction": 0.70}
 
@@ -94,35 +99,56 @@ class Case:
     lr: float
     loss_fn: Callable
     params: PyTree  # flax, leaves [n, ...]
-    batches: dict  # {"x": [T, n, B, 28, 28, 1] f32, "y": [T, n, B] i32}
+    batches: dict  # {"x": [T, n, B, H, W, C] f32, "y": [T, n, B] i32}
     topology: Any
     matrix: np.ndarray  # [n, n]
     mixing: str  # the gossip kernel dicejax runs (the torch.func baselines use it)
     mixing_arg: str  # what dicejax.simulate is given (--mixing)
     torch_model: Any  # torch.nn.Module, or None without torch
     torch_params: dict | None  # {name: [n, ...]}
-    xs: Any  # torch [T, n, B, 1, 28, 28]
+    xs: Any  # torch [T, n, B, C, H, W]
     ys: Any  # torch [T, n, B]
     device: str
     optimizer: optax.GradientTransformation  # one object: simulate is jitted on it (static)
+    input_shape: tuple[int, int, int] = INPUT_SHAPE  # (H, W, C) of one image
     info: dict = field(default_factory=dict)
 
 
-def make_model(name: str, conv: str = "auto"):
+def make_model(name: str, conv: str = "auto", width: int = 64):
+    """The benchmark's flax model (``width``: ResNet-18's stem channels, else unused)."""
     if name == "mlp":
         return dj.models.get_model("mlp", NUM_CLASSES, hidden=(128,))
     if name == "cnn":
         return dj.models.get_model("cnn", NUM_CLASSES, conv=conv)
-    raise ValueError(f"--models: unknown model {name!r} (mlp, cnn)")
+    if name == "resnet18":
+        return dj.models.get_model("resnet18", NUM_CLASSES, width=width, conv=conv)
+    raise ValueError(f"--models: unknown model {name!r} ({', '.join(INPUT_SHAPES)})")
+
+
+def train_flops_per_example(model_name: str, model, params: PyTree,
+                            input_shape: Sequence[int]) -> int:
+    """Matmul/conv FLOPs of one example's SGD step, as ``common.train_flops_per_example``.
+
+    Forward + weight gradients + input gradients of every layer but the first: ``3·fwd −
+    first``. ResNet-18's nested parameters are counted by :func:`dicejax.models.
+    flops_per_example`; its first layer is the 3x3 stride-1 stem conv.
+    """
+    if model_name != "resnet18":
+        return common.train_flops_per_example(params, input_shape)
+    h, w, c = input_shape
+    first = 2 * h * w * 9 * c * model.width
+    return 3 * dj.models.flops_per_example(model, tuple(input_shape)) - first
 
 
 def make_case(model_name: str, n: int, steps: int, batch: int, lr: float, seed: int,
-              device: str, conv: str = "auto", mixing: str = "auto") -> Case:
+              device: str, conv: str = "auto", mixing: str = "auto",
+              width: int = 64) -> Case:
     """Builds the problem; the same initial weights and batches for every method."""
-    model = make_model(model_name, conv)
-    params = dj.models.init_params(model, jax.random.PRNGKey(seed), INPUT_SHAPE, num_nodes=n)
+    model = make_model(model_name, conv, width)
+    shape = INPUT_SHAPES[model_name]
+    params = dj.models.init_params(model, jax.random.PRNGKey(seed), shape, num_nodes=n)
     rng = np.random.default_rng(seed)
-    x = rng.standard_normal((steps, n, batch, *INPUT_SHAPE), dtype=np.float32)
+    x = rng.standard_normal((steps, n, batch, *shape), dtype=np.float32)
     y = rng.integers(0, NUM_CLASSES, size=(steps, n, batch)).astype(np.int32)
     topo = dj.topology.exponential(n)
     matrix = np.asarray(topo.matrix)
@@ -132,15 +158,16 @@ def make_case(model_name: str, n: int, steps: int, batch: int, lr: float, seed: 
                       mixing=mixing).sim.mixer.method
     tmodel = tparams = xs = ys = None
     if tb is not None:
-        tmodel = tb.make_torch_model(params, INPUT_SHAPE).to(device)
-        tparams = {k: v.to(device) for k, v in tb.to_torch_params(params, INPUT_SHAPE,
+        tmodel = tb.make_torch_model(params, shape).to(device)
+        tparams = {k: v.to(device) for k, v in tb.to_torch_params(params, shape,
                                                                    tmodel).items()}
         xs, ys = tb.to_torch_images(x).to(device), tb.to_torch_labels(y).to(device)
     p_node = sum(int(np.prod(v.shape[1:])) for v in jax.tree.leaves(params))
-    train = common.train_flops_per_example(params, INPUT_SHAPE) * batch
+    train = train_flops_per_example(model_name, model, params, shape) * batch
     nnz = int(np.count_nonzero(matrix))
     info = {"model": model_name, "n": n, "steps": steps, "batch": batch, "lr": lr,
-            "params_per_node": p_node, "in_degree": int(topo.neighbors.indices.shape[1]),
+            "input_shape": list(shape), "params_per_node": p_node,
+            "in_degree": int(topo.neighbors.indices.shape[1]),
             "mixing": mixing, "topology": topo.name,
             "train_flops_per_node_step": train,
             "gossip_flops_per_step": 2 * nnz * p_node,
@@ -150,7 +177,7 @@ def make_case(model_name: str, n: int, steps: int, batch: int, lr: float, seed: 
     return Case(model_name, n, steps, batch, lr, dj.models.make_loss_fn(model), params,
                 {"x": jnp.asarray(x), "y": jnp.asarray(y)}, topo, matrix, mixing, mixing_arg,
                 tmodel,
-                tparams, xs, ys, device, optax.sgd(lr), info)
+                tparams, xs, ys, device, optax.sgd(lr), shape, info)
 
 
 def _xla_grad_flops(loss_fn, params, batch) -> float | None:
@@ -242,7 +269,7 @@ TORCH_METHODS = ("reference", "func", "compiled")
 def to_flax(case: Case, out: Any) -> PyTree:
     """A method's result in flax layout (torch methods return a thunk of stacked params)."""
     if callable(out):
-        return tb.to_flax_params(out(), case.params, INPUT_SHAPE, case.torch_model)
+        return tb.to_flax_params(out(), case.params, case.input_shape, case.torch_model)
     return jax.tree.map(np.asarray, out)
 
 
@@ -266,7 +293,7 @@ def run_case(case: Case, names: Sequence[str], args, log) -> dict:
     if case.steps != check_steps:  # else the check run was the warm-up
         for m in methods:
             common.timed(m.make(case, case.steps))
-    repeats = args.cnn_repeats if case.model_name == "cnn" else args.repeats
+    repeats = args.cnn_repeats if case.model_name in CONV_MODELS else args.repeats
     for _ in range(repeats):
         for m in methods:
             run = m.make(case, case.steps)  # fresh state (untimed); same compiled code
@@ -314,13 +341,15 @@ def run_case(case: Case, names: Sequence[str], args, log) -> dict:
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--models", default="mlp,cnn", help="comma-separated: mlp, cnn")
+    p.add_argument("--models", default="mlp,cnn",
+                   help="comma-separated: mlp, cnn, resnet18 (default mlp,cnn)")
     p.add_argument("--nodes", default=None,
-                   help="comma-separated n (default 4,16,64,256; the cnn stops at "
-                        "--cnn-max-nodes)")
+                   help="comma-separated n (default 4,16,64,256; the cnn and resnet18 stop "
+                        "at --cnn-max-nodes)")
     p.add_argument("--cnn-max-nodes", type=int, default=16,
-                   help="largest n for the cnn in the default sweep (default 16: dicejax's "
-                        "CNN step is ~10x slower inside lax.scan on XLA:CPU, see RESULTS.md)")
+                   help="largest n for the cnn and resnet18 in the default sweep (default "
+                        "16: dicejax's CNN step is ~10x slower inside lax.scan on XLA:CPU, "
+                        "see RESULTS.md)")
     p.add_argument("--methods", default="dicejax,reference,func,compiled",
                    help="comma-separated")
     p.add_argument("--reference-max-nodes", type=int, default=256,
@@ -330,13 +359,15 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--lr", type=float, default=0.1)
     p.add_argument("--steps", type=int, default=None,
-                   help="T per timed run (default: about 640 node-steps for the mlp and 24 "
-                        "for the cnn, clamped to [--min-steps, --max-steps])")
+                   help="T per timed run (default: about 640 node-steps for the mlp, 24 "
+                        "for the cnn and 8 for resnet18, clamped to [--min-steps, "
+                        "--max-steps])")
     p.add_argument("--min-steps", type=int, default=2)
     p.add_argument("--max-steps", type=int, default=40)
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--cnn-repeats", type=int, default=3,
-                   help="repeats for the cnn (default 3; its runs are long and steady)")
+                   help="repeats for the cnn and resnet18 (default 3; their runs are long "
+                        "and steady)")
     p.add_argument("--check-steps", type=int, default=3,
                    help="steps of the agreement check (default 3, at most T)")
     p.add_argument("--tolerance", type=float, default=1e-4,
@@ -351,8 +382,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                         "(default) or TensorFloat-32 in both; no effect on the CPU")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--conv", default="auto", choices=list(dj.models.CONV_IMPLS),
-                   help="the CNN's convolutions (dicejax.models.CNN(conv=...)): auto "
-                        "(patches on the CPU), xla (lax.conv_general_dilated) or patches")
+                   help="the CNN's and ResNet-18's convolutions (dicejax.models.CNN("
+                        "conv=...)): auto (patches on the CPU), xla "
+                        "(lax.conv_general_dilated) or patches")
+    p.add_argument("--resnet-width", type=int, default=64,
+                   help="ResNet-18's stem width (default 64, the standard network; e.g. 8 "
+                        "for a smoke test)")
     p.add_argument("--mixing", default="auto", choices=["auto", "dense", "sparse"],
                    help="gossip kernel of dicejax and torch.func (default auto: the one "
                         "dicejax.simulate picks)")
@@ -368,6 +403,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     explicit_nodes = a.nodes is not None
     a.nodes = [int(x) for x in (a.nodes or "4,16,64,256").split(",") if x.strip()]
     a.models = [x.strip() for x in a.models.split(",") if x.strip()]
+    unknown = set(a.models) - set(INPUT_SHAPES)
+    if unknown:
+        p.error(f"--models: unknown {sorted(unknown)} (choose from {', '.join(INPUT_SHAPES)})")
+    if a.resnet_width < 1:
+        p.error("--resnet-width must be >= 1")
     a.methods = [x.strip() for x in a.methods.split(",") if x.strip()]
     unknown = set(a.methods) - set(all_methods())
     if unknown:
@@ -399,7 +439,7 @@ def print_tables(result: dict, console: Console) -> None:
         rows = [r for r in result["results"] if r["problem"]["model"] == model]
         if not rows:
             continue
-        reps = result["settings"]["cnn_repeats" if model == "cnn" else "repeats"]
+        reps = result["settings"]["cnn_repeats" if model in CONV_MODELS else "repeats"]
         table = Table(title=f"{model}: node-steps/s (median of {reps}),"
                       f" B={result['settings']['batch']}, exponential graph, float32",
                       title_justify="left")
@@ -475,14 +515,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     results, failures = [], []
     for model in args.models:
         for n in args.nodes:
-            if model == "cnn" and not args.explicit_nodes and n > args.cnn_max_nodes:
+            if model in CONV_MODELS and not args.explicit_nodes and n > args.cnn_max_nodes:
                 continue
             names = [k for k in args.methods
                      if not (k == "reference" and n > args.reference_max_nodes)
                      and not (k == "compiled" and n > args.compiled_max_nodes)]
             steps = args.steps or auto_steps(model, n, args.min_steps, args.max_steps)
             case = make_case(model, n, steps, args.batch, args.lr,
-                             args.seed, args.device, args.conv, args.mixing)
+                             args.seed, args.device, args.conv, args.mixing,
+                             args.resnet_width)
             case.steps = steps
             case.info["steps"] = steps
             row = run_case(case, names, args, lambda s: console.print(s, highlight=False))

@@ -2,8 +2,8 @@
 
 Everything here computes exactly what :func:`dicejax.simulate` and
 :func:`dicejax.influence.dice_e` compute for plain SGD (DESIGN §2.1, §2.3) on the paper's
-MLP and CNN (:mod:`dicejax.models`), from the same initial weights, batches and mixing
-matrix, so that the benchmarks compare like with like:
+MLP, CNN and GroupNorm ResNet-18 (:mod:`dicejax.models`), from the same initial weights,
+batches and mixing matrix, so that the benchmarks compare like with like:
 
 * :class:`ReferenceSim` — the style of the DICE authors' reference code: a Python list of
   per-node ``nn.Module``s, each with its own ``torch.optim.SGD``; every step loops over the
@@ -31,14 +31,15 @@ matrix, so that the benchmarks compare like with like:
 Layout conversions: flax keeps images ``[B, H, W, C]`` and dense kernels ``[in, out]``;
 torch uses ``[B, C, H, W]`` and ``weight [out, in]``. :func:`to_torch_params` and
 :func:`to_flax_params` map one set of weights exactly (the first dense layer after a
-flatten has its input rows permuted from ``(h, w, c)`` to ``(c, h, w)`` order), so both
-frameworks compute the same function.
+flatten has its input rows permuted from ``(h, w, c)`` to ``(c, h, w)`` order; GroupNorm's
+``scale`` is torch's ``weight``), so both frameworks compute the same function.
 """
 
 from __future__ import annotations
 
 import copy
 import itertools
+import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -106,6 +107,105 @@ class TorchCNN(nn.Module):
         return self.fc2(x)
 
 
+class _SameConv2d(nn.Conv2d):
+    """Bias-free ``nn.Conv2d`` with flax's ``'SAME'`` padding (``lax.padtype_to_pads``).
+
+    Output size ``ceil(size / stride)``; the total padding ``max((out − 1)·s + k − size, 0)``
+    is split with the extra row/column at the *end* — for a 3x3 stride-2 conv on an even
+    input that is ``(0, 1)``, not torch's symmetric ``padding=1`` (which would shift every
+    window by one pixel). Symmetric cases (every stride-1 conv) pass the padding to the
+    convolution itself; asymmetric ones ``F.pad`` first.
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, kernel: int, stride: int = 1):
+        super().__init__(in_channels, out_channels, kernel, stride, padding=0, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``x [B, C, H, W] → [B, F, ceil(H / s), ceil(W / s)]``."""
+        pads = []
+        for size, k, s in zip(x.shape[-2:], self.kernel_size, self.stride, strict=True):
+            total = max((-(-size // s) - 1) * s + k - size, 0)
+            pads.append((total // 2, total - total // 2))
+        if all(lo == hi for lo, hi in pads):
+            return F.conv2d(x, self.weight, None, self.stride, tuple(lo for lo, _ in pads))
+        (top, bottom), (left, right) = pads
+        return F.conv2d(F.pad(x, (left, right, top, bottom)), self.weight, None, self.stride)
+
+
+def _group_norm(channels: int) -> nn.GroupNorm:
+    """``gcd(channels, 32)`` groups and ``eps = 1e-6``, as flax's ``nn.GroupNorm`` there."""
+    return nn.GroupNorm(math.gcd(channels, 32), channels, eps=1e-6)
+
+
+class TorchBasicBlock(nn.Module):
+    """ResNet basic block, as ``dicejax.models``' (GroupNorm, 1x1-projection shortcut).
+
+    ``relu(norm2(conv2(relu(norm1(conv1(x))))) + shortcut(x))``; ``shortcut`` is the
+    identity, or ``norm3(conv3(x))`` (1x1, stride ``stride``) when the stride or the width
+    changes. ``conv{i+1}`` / ``norm{i+1}`` are flax's ``Conv_i`` / ``GroupNorm_i``.
+
+    Args:
+      in_channels: channels of the input.
+      features: channels of the output.
+      stride: stride of ``conv1`` and the projection.
+    """
+
+    def __init__(self, in_channels: int, features: int, stride: int = 1):
+        super().__init__()
+        self.conv1 = _SameConv2d(in_channels, features, 3, stride)
+        self.norm1 = _group_norm(features)
+        self.conv2 = _SameConv2d(features, features, 3)
+        self.norm2 = _group_norm(features)
+        self.projection = stride != 1 or in_channels != features
+        if self.projection:
+            self.conv3 = _SameConv2d(in_channels, features, 1, stride)
+            self.norm3 = _group_norm(features)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``x [B, C, H, W] → [B, features, ceil(H / s), ceil(W / s)]``."""
+        y = F.relu(self.norm1(self.conv1(x)))
+        y = self.norm2(self.conv2(y))
+        if self.projection:
+            x = self.norm3(self.conv3(x))
+        return F.relu(x + y)
+
+
+class TorchResNet18(nn.Module):
+    """ResNet-18 for small images with GroupNorm, as :class:`dicejax.models.ResNet18`.
+
+    Stem ``conv3x3(width, stride 1) → GroupNorm → ReLU`` (no max-pool); four stages of two
+    :class:`TorchBasicBlock` with ``width·(1, 2, 4, 8)`` channels and strides
+    ``(1, 2, 2, 2)``; global average pooling; ``Linear(C)``. Convolutions have no bias and
+    flax's ``'SAME'`` padding (:class:`_SameConv2d`); GroupNorm has ``gcd(channels, 32)``
+    groups and ``eps = 1e-6``.
+
+    Args:
+      in_channels: ``C`` of the images.
+      num_classes: ``C_out``.
+      width: channels of the stem and first stage (64 in the standard network).
+    """
+
+    def __init__(self, in_channels: int, num_classes: int, width: int = 64):
+        super().__init__()
+        self.conv1 = _SameConv2d(in_channels, width, 3)
+        self.norm1 = _group_norm(width)
+        blocks, channels = [], width
+        for stage, stride in enumerate((1, 2, 2, 2)):
+            features = width * 2**stage
+            blocks += [TorchBasicBlock(channels, features, stride),
+                       TorchBasicBlock(features, features)]
+            channels = features
+        self.blocks = nn.ModuleList(blocks)
+        self.fc = nn.Linear(channels, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``x [B, C, H, W] → logits [B, C_out]``."""
+        x = F.relu(self.norm1(self.conv1(x)))
+        for block in self.blocks:
+            x = block(x)
+        return self.fc(x.mean(dim=(2, 3)))
+
+
 def _flat_shape(params: Mapping, input_shape: Sequence[int]) -> tuple[int, int, int]:
     """``(H, W, C)`` of the feature map flattened into the first dense layer."""
     h, w, c = input_shape
@@ -116,17 +216,76 @@ def _flat_shape(params: Mapping, input_shape: Sequence[int]) -> tuple[int, int, 
     return h // 2 ** len(convs), w // 2 ** len(convs), channels
 
 
+_BLOCK = "_BasicBlock_"
+
+
+def _is_resnet(params: Mapping) -> bool:
+    return any(str(k).startswith(_BLOCK) for k in params)
+
+
+def _numbered(tree: Mapping, prefix: str) -> list[str]:
+    """Keys ``prefix0, prefix1, …`` of ``tree``, in index order."""
+    return sorted((k for k in tree if k.startswith(prefix)), key=lambda k: int(k[len(prefix):]))
+
+
+def _resnet_layers(params: Mapping) -> list[tuple[tuple[str, ...], str, str]]:
+    """``(flax path, torch name, kind)`` of every ResNet-18 layer, ``kind`` conv/norm/dense.
+
+    Flax's ``Conv_i`` / ``GroupNorm_i`` (stem, and inside each ``_BasicBlock_b``) are torch's
+    ``conv{i+1}`` / ``norm{i+1}`` (``blocks.{b}.`` inside a block); ``Dense_0`` is ``fc``.
+    """
+    blocks = _numbered(params, _BLOCK)
+    if set(params) != {"Conv_0", "GroupNorm_0", "Dense_0", *blocks}:
+        raise ValueError(f"params: expected the layers of dicejax.models.ResNet18, got "
+                         f"{sorted(params)}")
+
+    def unit(tree: Mapping, path: tuple[str, ...], prefix: str) -> list:
+        out = []
+        for flax_kind, kind in (("Conv_", "conv"), ("GroupNorm_", "norm")):
+            out += [((*path, k), f"{prefix}{kind}{int(k[len(flax_kind):]) + 1}", kind)
+                    for k in _numbered(tree, flax_kind)]
+        return out
+
+    layers = unit(params, (), "")
+    for b, block in enumerate(blocks):
+        layers += unit(params[block], (block,), f"blocks.{b}.")
+    return [*layers, (("Dense_0",), "fc", "dense")]
+
+
+def _conv_to_torch(k: np.ndarray, lead: int) -> np.ndarray:
+    """Conv kernel ``[.., kh, kw, in, out]`` (HWIO) → torch weight ``[.., out, in, kh, kw]``."""
+    return np.moveaxis(k, (lead, lead + 1, lead + 2, lead + 3),
+                       (lead + 2, lead + 3, lead + 1, lead))
+
+
+def _conv_to_flax(w: np.ndarray, lead: int) -> np.ndarray:
+    """Inverse of :func:`_conv_to_torch`."""
+    return np.moveaxis(w, (lead + 2, lead + 3, lead + 1, lead),
+                       (lead, lead + 1, lead + 2, lead + 3))
+
+
 def make_torch_model(params: Mapping, input_shape: Sequence[int]) -> nn.Module:
-    """The torch module matching one node's flax parameters (an MLP or the CNN).
+    """The torch module matching one node's flax parameters (an MLP, the CNN or ResNet-18).
 
     Args:
       params: one node's flax ``'params'`` pytree (leaves may carry a leading node axis).
       input_shape: ``(H, W, C)`` of one image.
 
     Returns:
-      A :class:`TorchMLP` or :class:`TorchCNN` (randomly initialised; load weights with
-      :func:`to_torch_params`).
+      A :class:`TorchMLP`, :class:`TorchCNN` or :class:`TorchResNet18` (randomly
+      initialised; load weights with :func:`to_torch_params`).
+
+    Raises:
+      ValueError: for parameters of another architecture.
     """
+    if _is_resnet(params):
+        _resnet_layers(params)  # checks the structure
+        kernel = np.shape(params["Conv_0"]["kernel"])
+        if kernel[-2] != input_shape[-1]:
+            raise ValueError(f"input_shape {tuple(input_shape)}: the stem takes {kernel[-2]} "
+                             "channels")
+        classes = int(np.shape(params["Dense_0"]["kernel"])[-1])
+        return TorchResNet18(int(kernel[-2]), classes, width=int(kernel[-1]))
     layers = _layers(params)
     kinds = [kind for _, kind in layers]
     dense = [k for k, kind in layers if kind == "dense"]
@@ -145,6 +304,50 @@ def _torch_names(model: nn.Module) -> list[str]:
     return ["conv1", "conv2", "fc1", "fc2"]
 
 
+def _get(tree: Mapping, path: Sequence[str]) -> Any:
+    for key in path:
+        tree = tree[key]
+    return tree
+
+
+def _resnet_to_torch(params: Mapping, model: nn.Module, dtype: torch.dtype) -> TorchParams:
+    lead = np.ndim(params["Dense_0"]["bias"]) - 1
+    out: TorchParams = {}
+    for path, tname, kind in _resnet_layers(params):
+        leaf = _get(params, path)
+        if kind == "conv":
+            arrays = {"weight": _conv_to_torch(np.asarray(leaf["kernel"]), lead)}
+        elif kind == "norm":
+            arrays = {"weight": np.asarray(leaf["scale"]), "bias": np.asarray(leaf["bias"])}
+        else:
+            arrays = {"weight": np.swapaxes(np.asarray(leaf["kernel"]), -1, -2),
+                      "bias": np.asarray(leaf["bias"])}
+        for suffix, a in arrays.items():
+            out[f"{tname}.{suffix}"] = torch.tensor(np.ascontiguousarray(a), dtype=dtype)
+    names = {name for name, _ in model.named_parameters()}
+    if set(out) != names:
+        raise ValueError(f"model: parameters {sorted(names ^ set(out))} do not match params")
+    return out
+
+
+def _resnet_to_flax(tparams: Mapping[str, torch.Tensor], template: Mapping) -> dict:
+    lead = tparams["fc.bias"].ndim - 1
+    out: dict = {}
+    for path, tname, kind in _resnet_layers(template):
+        w = tparams[f"{tname}.weight"].detach().cpu().numpy()
+        if kind == "conv":
+            leaf = {"kernel": np.ascontiguousarray(_conv_to_flax(w, lead))}
+        else:
+            b = tparams[f"{tname}.bias"].detach().cpu().numpy()
+            leaf = ({"scale": w, "bias": b} if kind == "norm"
+                    else {"kernel": np.ascontiguousarray(np.swapaxes(w, -1, -2)), "bias": b})
+        node = out
+        for key in path[:-1]:
+            node = node.setdefault(key, {})
+        node[path[-1]] = leaf
+    return out
+
+
 def to_torch_params(params: Mapping, input_shape: Sequence[int], model: nn.Module,
                     dtype: torch.dtype = torch.float32) -> TorchParams:
     """Flax parameters → the torch module's parameter dict (same function).
@@ -159,6 +362,8 @@ def to_torch_params(params: Mapping, input_shape: Sequence[int], model: nn.Modul
       ``{name: tensor}`` in ``model.named_parameters()`` names, leaves ``[...]`` or
       ``[n, ...]`` like the input.
     """
+    if _is_resnet(params):
+        return _resnet_to_torch(params, model, dtype)
     layers = _layers(params)
     lead = np.ndim(params[layers[0][0]]["bias"]) - 1  # 0 (one node) or 1 (stacked)
     fh, fw, fc = _flat_shape(params, input_shape)
@@ -169,8 +374,7 @@ def to_torch_params(params: Mapping, input_shape: Sequence[int], model: nn.Modul
         b = np.asarray(params[name]["bias"])
         pre = k.shape[:lead]
         if kind == "conv":  # [.., kh, kw, in, out] -> [.., out, in, kh, kw]
-            w = np.moveaxis(k, (lead + 2, lead + 3), (lead, lead + 1))
-            w = np.swapaxes(w, lead, lead + 1)
+            w = _conv_to_torch(k, lead)
         else:
             if first_dense:  # rows (h, w, c) -> (c, h, w)
                 k = k.reshape(*pre, fh, fw, fc, k.shape[-1])
@@ -193,8 +397,11 @@ def to_flax_params(tparams: Mapping[str, torch.Tensor], template: Mapping,
       model: the torch module.
 
     Returns:
-      ``{layer: {'kernel', 'bias'}}`` numpy arrays.
+      ``{layer: {'kernel', 'bias'}}`` numpy arrays (for ResNet-18 the nested flax tree:
+      ``kernel`` only for convolutions, ``scale`` and ``bias`` for GroupNorm).
     """
+    if _is_resnet(template):
+        return _resnet_to_flax(tparams, template)
     layers = _layers(template)
     fh, fw, fc = _flat_shape(template, input_shape)
     out: dict = {}
@@ -205,8 +412,7 @@ def to_flax_params(tparams: Mapping[str, torch.Tensor], template: Mapping,
         lead = b.ndim - 1
         pre = w.shape[:lead]
         if kind == "conv":  # [.., out, in, kh, kw] -> [.., kh, kw, in, out]
-            k = np.swapaxes(w, lead, lead + 1)
-            k = np.moveaxis(k, (lead, lead + 1), (lead + 2, lead + 3))
+            k = _conv_to_flax(w, lead)
         else:
             k = np.swapaxes(w, -1, -2)
             if first_dense:  # rows (c, h, w) -> (h, w, c)
@@ -590,8 +796,10 @@ __all__ = [
     "FuncSim",
     "Recorded",
     "ReferenceSim",
+    "TorchBasicBlock",
     "TorchCNN",
     "TorchMLP",
+    "TorchResNet18",
     "dice_e_one_hop",
     "dice_e_walks",
     "make_mixer",

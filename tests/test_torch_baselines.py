@@ -5,7 +5,8 @@ baseline in ``benchmarks/torch_baselines.py`` is checked here against dicejax fr
 initial weights, batches and mixing matrix, on tiny float64 problems: the reference-style
 per-node loop, stacked ``torch.func`` (dense and neighbour-list gossip), ``torch.compile``
 (float32; the tracing that inductor also uses), one-hop DICE-E and walk-enumerated multi-hop
-DICE-E with double-backward HVPs (and the network-level reading).
+DICE-E with double-backward HVPs (and the network-level reading); and the torch twin of
+the GroupNorm ResNet-18 (logits, gradients, weight mapping).
 """
 
 from __future__ import annotations
@@ -187,3 +188,50 @@ def test_train_flops_count_every_product_once(name):
     fwd = dj.models.flops_per_example(model, SHAPE)
     first = 2 * 8 * 8 * 9 * 1 * 32 if name == "cnn" else 2 * 64 * 12  # first layer's fwd
     assert tb.train_flops_per_example(params, SHAPE) == 3 * fwd - first
+
+
+def test_resnet18_twin_gives_the_same_logits_and_gradients():
+    """The GroupNorm ResNet-18 and its torch twin are one function in float64.
+
+    ``7×8`` images cover both of flax's ``'SAME'`` paddings of the stride-2 3x3 convs (odd
+    heights ``7 → 4`` pad ``(1, 1)``; even widths ``8 → 4 → 2 → 1`` pad ``(0, 1)``, where
+    torch's symmetric ``padding=1`` would differ), and a 1×1 map in the last stage. The
+    GroupNorm scales and biases are moved off their ``1`` / ``0`` initialisation so that a
+    swapped ``scale`` / ``bias`` would show.
+    """
+    shape = (7, 8, 3)
+    model = dj.models.get_model("resnet18", CLASSES, width=8)
+    params = dj.models.init_params(model, jax.random.PRNGKey(0), shape, dtype=jnp.float64)
+    rng = np.random.default_rng(0)
+    params = jax.tree.map(lambda p: p + 0.1 * rng.standard_normal(p.shape), params)
+    x, y = rng.normal(size=(2, *shape)), np.array([3, 7])
+    tm = tb.make_torch_model(params, shape).to(torch.float64)
+    assert isinstance(tm, tb.TorchResNet18)
+    tp = tb.to_torch_params(params, shape, tm, torch.float64)
+    assert set(tp) == {name for name, _ in tm.named_parameters()}
+    back = tb.to_flax_params(tp, params, shape, tm)
+    assert jax.tree.structure(back) == jax.tree.structure(params)
+    for a, b in zip(jax.tree.leaves(back), jax.tree.leaves(params), strict=True):
+        np.testing.assert_array_equal(a, np.asarray(b))
+
+    logits = jax.jit(model.apply)({"params": params}, x)
+    loss, grads = jax.jit(jax.value_and_grad(dj.models.make_loss_fn(model)))(
+        params, {"x": x, "y": y})
+    xs, ys = tb.to_torch_images(x, torch.float64), tb.to_torch_labels(y)
+    leaves = {k: v.clone().requires_grad_(True) for k, v in tp.items()}
+    out = torch.func.functional_call(tm, leaves, (xs,))
+    theirs = torch.nn.functional.cross_entropy(out, ys)
+    tgrads = dict(zip(leaves, torch.autograd.grad(theirs, list(leaves.values())), strict=True))
+    np.testing.assert_allclose(out.detach().numpy(), np.asarray(logits), rtol=0,
+                               atol=1e-10 * float(np.abs(logits).max()))
+    np.testing.assert_allclose(float(theirs.detach()), float(loss), rtol=1e-10)
+    assert tb.max_rel_diff(tb.to_flax_params(tgrads, params, shape, tm), grads) < 1e-10
+    assert all(float(np.abs(g).max()) > 0 for g in jax.tree.leaves(grads))
+    # stacked [n, ...] parameters (what the simulators take) map node by node
+    stacked = jax.tree.map(lambda p: np.stack([p, 2 * p]), params)
+    tstacked = tb.to_torch_params(stacked, shape, tm, torch.float64)
+    for name, p in tb.node_params(tstacked, 1).items():
+        torch.testing.assert_close(p, 2 * tp[name], rtol=0, atol=0)
+    for a, b in zip(jax.tree.leaves(tb.to_flax_params(tstacked, stacked, shape, tm)),
+                    jax.tree.leaves(stacked), strict=True):
+        np.testing.assert_array_equal(a, b)
