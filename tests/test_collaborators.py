@@ -177,6 +177,63 @@ def test_rewire_with_a_robust_rule_replays_and_scores_its_own_run():
                                atol=1e-14)
 
 
+def poisoned_problem(n, T, node, step):
+    """A problem whose ``node`` gets a NaN gradient (and loss) from global ``step`` on: the
+    batches carry a flag the loss reads."""
+    loss, params, batches, probe = make_problem(n=n, steps=T, model="tanh")
+    flag = np.zeros(batches["y"].shape)
+    flag[step:, node] = 1.0
+    batches = {**batches, "nan": jnp.asarray(flag)}
+
+    def poisoned(p, b):
+        bad = jnp.any(b["nan"] > 0) if "nan" in b else False
+        return loss(p, b) + jnp.where(bad, jnp.nan, 0.0) * jnp.sum(p["w1"])
+
+    return poisoned, params, batches, probe
+
+
+def test_rewire_isolates_a_diverged_node_and_drops_it():
+    n, T, period = 6, 9, 3
+    loss, params, batches, probe = poisoned_problem(n, T, node=2, step=4)
+    opt = optax.sgd(0.3)
+    with pytest.raises(FloatingPointError, match="node 2"):
+        co.rewire(loss, params, batches, tp.exponential(n), opt, probe, keep=2, period=period)
+    res = co.rewire(loss, params, batches, tp.exponential(n), opt, probe, keep=2,
+                    period=period, on_divergence="isolate")
+    sched = np.asarray(res.schedule)
+    listeners = [k for k in range(n) if k != 2 and sched[4, k, 2] > 0]
+    expect = np.full(n, -1)
+    expect[2] = 4
+    expect[listeners] = 5  # they receive node 2's NaN at step 4 and diverge with it
+    np.testing.assert_array_equal(res.diverged, expect)
+    gone = set(listeners) | {2}
+    after = sched[6:]  # after the next rewiring nobody keeps a diverged node
+    for k in range(n):
+        for j in gone - {k}:
+            assert np.all(after[:, k, j] == 0), (k, j)
+    alive = [k for k in range(n) if k not in gone]
+    assert alive
+    for leaf in jax.tree.leaves(res.state.params):
+        assert np.all(np.isfinite(np.asarray(leaf)[alive]))
+    # with the median, a diverged node is not heard: its listeners stay finite
+    med = co.rewire(loss, params, batches, tp.exponential(n), opt, probe, keep=2,
+                    period=period, on_divergence="isolate", aggregator="median")
+    assert np.asarray(med.diverged).tolist() == [-1, -1, 4, -1, -1, -1]
+
+
+def test_update_never_keeps_a_non_finite_candidate():
+    n = 4
+    state = co.init(jnp.full((n, n), 1 / n))
+    g = jnp.zeros((1, n, n)).at[0, :, 1].set(jnp.nan).at[0, :, 2].set(-1.0)
+    new = co.update(state, g, keep=2)
+    assert bool(jnp.all(jnp.isinf(new.influence[jnp.arange(n) != 1, 1])))
+    W = np.asarray(new.matrix)
+    assert np.all(W[[0, 2, 3], 1] == 0)  # infinitely harmful: dropped although keep=2
+    np.testing.assert_allclose(W[0], [1 / 3, 0, 1 / 3, 1 / 3])
+    with pytest.raises(ValueError, match="influence: NaN"):
+        co.select(jnp.full((n, n), jnp.nan), jnp.ones((n, n), bool), 1)
+
+
 def test_rewire_stride_and_controls():
     n, T, period = 6, 8, 4
     loss, params, batches, probe = make_problem(n=n, steps=T, model="tanh")

@@ -83,7 +83,8 @@ def select(influence: jax.Array, candidates: jax.Array, keep: int) -> jax.Array:
     """Each node keeps its ``keep`` most helpful candidates, uniformly weighted.
 
     Args:
-      influence: ``[n, n]`` accumulated influence ``I[k, j]`` (lower = more helpful).
+      influence: ``[n, n]`` accumulated influence ``I[k, j]`` (lower = more helpful;
+        ``+inf``: never kept, e.g. a diverged node).
       candidates: ``[n, n]`` bool; the diagonal is ignored (a node always keeps itself).
       keep: in-neighbours kept per node (fewer if a node has fewer candidates).
 
@@ -96,8 +97,9 @@ def select(influence: jax.Array, candidates: jax.Array, keep: int) -> jax.Array:
     if candidates.shape != influence.shape or candidates.dtype != jnp.bool_:
         raise ValueError(f"candidates: must be a bool matrix shaped like influence "
                          f"{influence.shape}, got {candidates.shape} of {candidates.dtype}")
-    if not bool(jnp.all(jnp.isfinite(jnp.where(candidates, influence, 0)))):
-        raise ValueError("influence: non-finite values on candidate edges")
+    if bool(jnp.any(jnp.isnan(jnp.where(candidates, influence, 0)))):
+        raise ValueError("influence: NaN on candidate edges (+inf marks a candidate never "
+                         "to keep)")
     return _select(influence, candidates, _check_keep(keep))
 
 
@@ -108,7 +110,7 @@ def _select(influence, candidates, keep):
     scores = jnp.where(cand, influence, jnp.inf)
     order = jnp.argsort(scores, axis=1, stable=True)  # ties: lower index first
     rank = jnp.argsort(order, axis=1, stable=True)
-    kept = cand & (rank < keep)
+    kept = cand & (rank < keep) & (scores < jnp.inf)
     mask = kept | jnp.eye(n, dtype=bool)
     w = mask.astype(influence.dtype)
     return w / w.sum(axis=1, keepdims=True)
@@ -155,7 +157,9 @@ def update(state: RewireState, influence_steps: jax.Array, keep: int,
     Args:
       state: current :class:`RewireState`.
       influence_steps: ``[S, n, n]`` per-step, per-unit-weight proximal influence of the
-        period (:func:`dicejax.influence.proximal_steps` with ``weighted=False``).
+        period (:func:`dicejax.influence.proximal_steps` with ``weighted=False``). NaN
+        entries (a diverged sender or observer of an isolating run) accumulate as ``+inf``:
+        that candidate is never kept again.
       keep: in-neighbours kept per node.
       decay: per-step discount of older evidence, in ``(0, 1]``.
 
@@ -172,6 +176,7 @@ def update(state: RewireState, influence_steps: jax.Array, keep: int,
     S = g.shape[0]
     weights = jnp.asarray(decay, g.dtype) ** jnp.arange(S - 1, -1, -1, dtype=g.dtype)
     total = decay ** S * state.influence + jnp.einsum("s,skj->kj", weights, g)
+    total = jnp.where(jnp.isnan(total), jnp.inf, total)  # a diverged node: never kept
     total = jnp.where(state.candidates, total, 0).astype(state.influence.dtype)
     matrix = select(total, state.candidates, keep).astype(state.matrix.dtype)
     return RewireState(total, matrix, state.candidates, state.count + 1)
@@ -186,12 +191,15 @@ class RewireResult(NamedTuple):
         ``simulate(..., topo=schedule)``).
       rewire: final :class:`RewireState`.
       loss: ``[T, n]`` training loss of every node at every step.
+      diverged: ``[n]`` int, the global step at which each node's local update first became
+        non-finite (isolating runs), −1 for never.
     """
 
     state: NodeState
     schedule: jax.Array
     rewire: RewireState
     loss: jax.Array
+    diverged: np.ndarray | None = None
 
 
 def rewire(
@@ -213,6 +221,7 @@ def rewire(
     score: bool = True,
     callback: Callable[[int, RewireState], None] | None = None,
     aggregator: Any = None,
+    on_divergence: str = "raise",
 ) -> RewireResult:
     """Decentralized training in which every node periodically re-chooses its collaborators.
 
@@ -246,6 +255,10 @@ def rewire(
       aggregator: a robust combine rule (:mod:`dicejax.robust`, or its name) each period
         runs over its chosen graph; None: plain gossip. The scores stay the per-unit-weight
         proximal influence ``q_k g_k^{t+1} · v_j`` of each candidate's update.
+      on_divergence: ``"raise"`` (default) stops at the first non-finite update, naming
+        step and node; ``"isolate"`` runs on (see :func:`dicejax.simulate`): a diverged
+        node's values never cross zero weights, its scores are NaN, so nobody keeps it
+        after the next rewiring, and ``RewireResult.diverged`` says who diverged when.
 
     Returns:
       A :class:`RewireResult`.
@@ -264,8 +277,9 @@ def rewire(
     chooser = (lambda s, g, k: update(s, g, k, decay)) if chooser is None else chooser
     rule = robust.as_aggregator(aggregator)
     plan = plan_run(loss_fn, params, batches, state.matrix, optimizer, mixing="dense",
-                    update_scale=update_scale, aggregator=rule)
+                    update_scale=update_scale, aggregator=rule, on_divergence=on_divergence)
     node_state, schedule, losses = plan.run_state, [], []
+    diverged = np.full(plan.n, -1, np.int64)
     for lo in range(0, T, int(period)):
         hi = min(lo + int(period), T)
         mixer = make_mixer(state.matrix[None])
@@ -276,6 +290,7 @@ def rewire(
             traj = traj.replace(simulator=traj.simulator.replace(mixer=mixer))
         schedule.append(jnp.broadcast_to(state.matrix, (hi - lo, *state.matrix.shape)))
         losses.append(traj.metrics["loss"])
+        diverged = np.where(diverged >= 0, diverged, traj.diverged)
         if hi < T:
             g = proximal_steps(loss_fn, traj, probe, node_weights=node_weights,
                                weighted=False, stride=stride) if score else None
@@ -284,7 +299,7 @@ def rewire(
                 callback(hi, state)
         del traj
     return RewireResult(plan.host_state(node_state), jnp.concatenate(schedule), state,
-                        jnp.concatenate(losses))
+                        jnp.concatenate(losses), diverged)
 
 
 __all__ = ["RewireResult", "RewireState", "init", "rewire", "select", "update"]

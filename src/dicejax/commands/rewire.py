@@ -109,6 +109,17 @@ def _signed(stat: dict, count: int) -> str:
     return f"{stat['mean']:+.4f} ± {stat['std']:.4f}"
 
 
+def diverged_text(result: dict, arm: str) -> str:
+    """``"attackers / honest"``: how many nodes of each kind diverged in ``arm``, over all
+    seeds (``"0 / 0"`` when none did)."""
+    bad = honest = 0
+    for r in result["per_seed"]:
+        nodes = [int(k) for k in r["arms"][arm].get("diverged", {})]
+        bad += sum(k in r["attackers"] for k in nodes)
+        honest += sum(k not in r["attackers"] for k in nodes)
+    return f"{bad} / {honest}"
+
+
 def rewire_table(result: dict) -> object:
     """One row per arm: honest accuracy and attackers' weight, mean ± std over seeds."""
     from dicejax import report
@@ -123,10 +134,12 @@ def rewire_table(result: dict) -> object:
                 + (" (mean ± std over seeds)" if n > 1 else "")
                 + "; min: the worst seed; vs fixed: paired difference to the fixed graph, seed "
                   "by seed; attacker weight: weight honest nodes put on attackers (their rows' "
-                  "attacker mass), averaged over steps; time: wall seconds of the arm, all "
-                  "seeds together")
+                  "attacker mass), averaged over steps; diverged: attackers / honest nodes "
+                  "whose updates turned non-finite, all seeds together (the run goes on "
+                  "without them; honest acc is over the honest nodes that stayed finite); "
+                  "time: wall seconds of the arm, all seeds together")
     cols = ["arm", "honest acc"] + (["min"] if n > 1 else []) + ["vs fixed", "attacker weight",
-                                                                 "time (s)"]
+                                                                 "diverged", "time (s)"]
     for name in cols:
         t.add_column(name, justify="right")
     for arm in result["arms"]:
@@ -135,7 +148,7 @@ def rewire_table(result: dict) -> object:
         secs = sum(r["arms"][arm]["wall_seconds"] for r in result["per_seed"])
         row = [arm, report.mean_std(acc, n)] + ([f"{acc['min']:.4f}"] if n > 1 else [])
         row += ["" if gain is None else _signed(gain, n), report.mean_std(w, n, ".3f"),
-                f"{secs:.0f}"]
+                diverged_text(result, arm), f"{secs:.0f}"]
         t.add_row(*row)
     return t
 

@@ -19,7 +19,10 @@ fraction of the nodes have corrupted data, or gated updates) and trains it under
 
 Reported per arm: the honest nodes' mean test accuracy after ``T`` steps, and the weight
 honest nodes put on attackers (their rows' attacker mass, averaged over honest nodes), over
-the run and per period.
+the run and per period. Every arm runs with ``on_divergence="isolate"``: an attacker whose
+updates diverge (e.g. a sign-flipper that nobody pulls back) stays non-finite without
+stopping the run or crossing zero weights; each arm reports who diverged at which step, and
+its accuracy is over the honest nodes that stayed finite (with their count).
 """
 
 from __future__ import annotations
@@ -247,9 +250,10 @@ def _one_seed(config: RunConfig, attack: str, corruption, attackers, keep: int, 
             traj = simulate(setup.loss_fn, setup.params, clean_batches if clean else batches,
                             setup.topology, optimizer, record=False,
                             update_scale=None if clean else scale, aggregator=rule,
+                            on_divergence="isolate",
                             chunk_steps=max(1, T // 20),
                             callback=None if say is None else (lambda state, d, say=say: say(d)))
-            params = traj.final_params
+            params, diverged = traj.final_params, traj.diverged
             schedule = jnp.broadcast_to(matrix, (T, n, n))
             final = matrix
         else:
@@ -259,13 +263,18 @@ def _one_seed(config: RunConfig, attack: str, corruption, attackers, keep: int, 
                 setup.loss_fn, setup.params, batches, matrix, optimizer, setup.probe, keep,
                 period, candidates=pool, decay=decay, update_scale=scale, stride=stride,
                 chooser=chooser, score=base == "influence", aggregator=rule,
+                on_divergence="isolate",
                 callback=None if say is None else (lambda done, state, say=say: say(done)))
             params, schedule, final = res.state.params, res.schedule, res.rewire.matrix
+            diverged = res.diverged
         acc = np.asarray(evaluate_params(setup.eval_fn, params, setup.test)["accuracy"])
+        alive = honest[np.asarray(diverged)[honest] < 0]  # honest nodes that stayed finite
         share = attacker_weight(schedule, chosen)
         results[arm] = {
-            "accuracy": float(acc[honest].mean()),
-            "accuracy_min": float(acc[honest].min()),
+            "accuracy": float(acc[alive].mean()) if alive.size else float("nan"),
+            "accuracy_min": float(acc[alive].min()) if alive.size else float("nan"),
+            "diverged": {int(k): int(diverged[k]) for k in np.flatnonzero(diverged >= 0)},
+            "honest_diverged": int(honest.size - alive.size),
             "attacker_weight": float(share.mean()),
             "attacker_weight_per_period": share[::period].tolist(),
             "final_matrix": np.asarray(final, np.float64),

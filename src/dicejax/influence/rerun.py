@@ -228,7 +228,8 @@ def check_query(
     ``step`` is a *local* index (``0 <= step < T``, the position in the trajectory) and
     ``step + hops <= T``. ``reruns``: the query only re-runs recorded steps, so it stays
     exact under a robust combine rule (:mod:`dicejax.robust`); other queries linearise the
-    gossip through ``W`` and refuse such runs.
+    gossip through ``W`` and refuse such runs. Non-finite parameters are refused except in
+    isolating runs (``on_divergence="isolate"``), where a diverged node's scores are NaN.
     """
     if not isinstance(traj, Trajectory):
         raise ValueError(f"traj: must be a Trajectory from dicejax.simulate, got {type(traj)}")
@@ -247,7 +248,7 @@ def check_query(
         raise ValueError(
             f"hops: step + hops = {step + hops} exceeds the trajectory's T = {T} steps"
         )
-    if not bool(_finite_window(traj.params, step, hops + 1)):
+    if not traj.simulator.isolate and not bool(_finite_window(traj.params, step, hops + 1)):
         raise ValueError(f"traj: non-finite parameters between steps {step} and {step + hops}")
     sim = traj.simulator
     one = jax.tree.map(lambda x: x[0, 0], probe_vars(traj.states))
