@@ -130,7 +130,8 @@ def test_attack_spec_apply_matches_mask():
 
 
 def test_corruptions_by_name():
-    assert set(attacks.CORRUPTIONS) == {"label_permutation", "label_flip", "gaussian_noise"}
+    assert set(attacks.CORRUPTIONS) == {"label_permutation", "label_flip", "label_noise",
+                                        "gaussian_noise"}
     out = attacks.corruption_by_name("label_flip", target=2)(make_batches(), MASK, None)
     assert (np.asarray(out["y"])[np.asarray(MASK)] == 2).all()
     with pytest.raises(ValueError, match="name"):
