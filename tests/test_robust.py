@@ -224,3 +224,14 @@ def test_bad_rules_and_arguments():
     mesh = dj.parallel.node_mesh()
     with pytest.raises(ValueError, match="aggregator: robust gossip runs on one device"):
         dj.simulate(loss, params, batches, ring, aggregator="median", mesh=mesh)
+
+
+@pytest.mark.parametrize("width", [1, 2, 5, 6, 9])
+def test_sorting_network_sorts_every_binary_input(width):
+    """The 0-1 principle: a comparator network that sorts every 0/1 input sorts all."""
+    import itertools
+    for bits in itertools.product([0, 1], repeat=width):
+        v = list(bits)
+        for i, j in robust.sorting_network(width):
+            v[i], v[j] = min(v[i], v[j]), max(v[i], v[j])
+        assert v == sorted(bits)
