@@ -406,3 +406,32 @@ def test_rewiring_rule_arms_run_the_rule():
 def test_default_keep_is_the_in_degree():
     assert default_keep(RunConfig(nodes=32, topology="exponential")) == 5
     assert default_keep(RunConfig(nodes=16, topology="ring")) == 2
+
+
+def test_update_t_statistic_ranks_consistent_help_above_noisy_help():
+    """Candidate 1 helps by -1 at every step; candidate 2 by -10, +8, -10, +7 (a larger sum,
+    a large spread). The sum keeps 2, the t statistic keeps 1; both against numpy."""
+    n = 3
+    state = co.init(jnp.full((n, n), 1 / n))
+    g = np.zeros((4, n, n))
+    g[:, 0, 1] = -1.0
+    g[:, 0, 2] = [-10.0, 8.0, -10.0, 7.0]
+    g[:, 1, 0] = [0.5, -0.5, 1.0, -1.0]
+    g[:, 1, 2] = [-0.5, -0.6, -0.4, -0.5]
+    by_sum = co.update(state, jnp.asarray(g), keep=1)
+    by_t = co.update(state, jnp.asarray(g), keep=1, statistic="t")
+    np.testing.assert_allclose(by_t.influence, by_sum.influence)
+    assert np.asarray(by_sum.matrix)[0, 2] > 0 and np.asarray(by_sum.matrix)[0, 1] == 0
+    assert np.asarray(by_t.matrix)[0, 1] > 0 and np.asarray(by_t.matrix)[0, 2] == 0
+    m, sd = g.mean(0), g.std(0)  # population spread, as the running moments give
+    with np.errstate(divide="ignore", invalid="ignore"):
+        t = np.where(sd > 0, m / (sd / 2.0), np.where(m != 0, np.sign(m) * np.inf, 0))
+    off = ~np.eye(n, dtype=bool)
+    np.testing.assert_allclose(np.asarray(by_t.t_statistic())[off], t[off], rtol=1e-10)
+    # a second period continues the same moments
+    two = co.update(by_t, jnp.asarray(g), keep=1, statistic="t")
+    gg = np.concatenate([g, g])[:, 1, [0, 2]]  # node 1's two candidates: a spread each
+    t2 = gg.mean(0) / (gg.std(0) / np.sqrt(8))
+    np.testing.assert_allclose(np.asarray(two.t_statistic())[1, [0, 2]], t2, rtol=1e-10)
+    with pytest.raises(ValueError, match="statistic"):
+        co.update(state, jnp.asarray(g), keep=1, statistic="median")

@@ -16,8 +16,12 @@ The rule (:func:`update`): every ``period`` steps, node ``k``
 1. **accumulates** ``I[k, j] ← decay^S · I[k, j] + Σ_s decay^{S−1−s} G^s[k, j]`` over the
    ``S`` scored steps of the period (every step, or every ``stride``-th; ``decay = 1``:
    plain sum over the run so far);
-2. **keeps** the ``keep`` candidates with the lowest (most helpful) ``I[k, j]``, ties broken
-   by the lower node index (:func:`select`);
+2. **keeps** the ``keep`` candidates with the lowest (most helpful) score, ties broken
+   by the lower node index (:func:`select`): ``statistic="sum"`` (the default) scores by
+   ``I[k, j]``; ``statistic="t"`` by the mean over standard error of the scored steps'
+   ``G^s[k, j]``, ``t[k, j] = m / (sd / √S_tot)`` (the same discount on every moment), so a
+   candidate whose updates help only on average, with a large spread — a noisy attacker —
+   ranks below one that helps consistently;
 3. **re-weights** its row uniformly over itself and the kept candidates:
    ``W[k, j] = 1 / (m_k + 1)`` with ``m_k = min(keep, #candidates of k)`` — the row stays
    stochastic and the graph's degree is bounded by ``keep``.
@@ -49,6 +53,9 @@ from dicejax.simulator import LossFn, NodeState
 PyTree = Any
 
 
+STATISTICS = ("sum", "t")
+
+
 class RewireState(NamedTuple):
     """State of influence-guided rewiring.
 
@@ -58,12 +65,25 @@ class RewireState(NamedTuple):
       matrix: ``[n, n]`` the row-stochastic mixing weights in use.
       candidates: ``[n, n]`` bool, ``j`` may send to ``k`` (``j ≠ k``).
       count: number of rewirings so far (int32 scalar).
+      square: ``[n, n]`` the same discounted sum of ``G^s[k, j]²`` (for ``statistic="t"``).
+      steps: the same discounted count of scored steps (a float scalar).
     """
 
     influence: jax.Array
     matrix: jax.Array
     candidates: jax.Array
     count: jax.Array
+    square: jax.Array | None = None
+    steps: jax.Array | None = None
+
+    def t_statistic(self) -> jax.Array:
+        """``[n, n]``: mean over standard error of the scored steps' influence per edge
+        (``±inf`` where the spread is 0 and the mean is not; 0 with no evidence)."""
+        m = self.influence / jnp.maximum(self.steps, 1e-30)
+        var = jnp.maximum(self.square / jnp.maximum(self.steps, 1e-30) - m * m, 0)
+        se = jnp.sqrt(var / jnp.maximum(self.steps, 1e-30))
+        flat = jnp.where(m != 0, jnp.sign(m) * jnp.inf, 0)
+        return jnp.where(se > 0, m / jnp.where(se > 0, se, 1), flat)
 
 
 def _check_matrix(matrix, name: str) -> jax.Array:
@@ -147,11 +167,12 @@ def init(topology: topo_lib.Topology | jax.Array,
     candidates = candidates & ~jnp.eye(n, dtype=bool)
     dtype = matrix.dtype if dtype is None else dtype
     return RewireState(jnp.zeros((n, n), dtype), matrix.astype(dtype), candidates,
-                       jnp.zeros((), jnp.int32))
+                       jnp.zeros((), jnp.int32), jnp.zeros((n, n), dtype),
+                       jnp.zeros((), dtype))
 
 
 def update(state: RewireState, influence_steps: jax.Array, keep: int,
-           decay: float = 1.0) -> RewireState:
+           decay: float = 1.0, statistic: str = "sum") -> RewireState:
     """Accumulates one period's influence and rewires.
 
     Args:
@@ -162,10 +183,14 @@ def update(state: RewireState, influence_steps: jax.Array, keep: int,
         that candidate is never kept again.
       keep: in-neighbours kept per node.
       decay: per-step discount of older evidence, in ``(0, 1]``.
+      statistic: ``"sum"`` ranks candidates by the accumulated influence, ``"t"`` by its
+        mean over standard error (:meth:`RewireState.t_statistic`).
 
     Returns:
       The new :class:`RewireState` (new ``influence`` and ``matrix``, ``count + 1``).
     """
+    if statistic not in STATISTICS:
+        raise ValueError(f"statistic: must be one of {STATISTICS}, got {statistic!r}")
     g = jnp.asarray(influence_steps)
     n = state.matrix.shape[0]
     if g.ndim != 3 or g.shape[1:] != (n, n) or g.shape[0] < 1:
@@ -175,11 +200,20 @@ def update(state: RewireState, influence_steps: jax.Array, keep: int,
     keep = _check_keep(keep)
     S = g.shape[0]
     weights = jnp.asarray(decay, g.dtype) ** jnp.arange(S - 1, -1, -1, dtype=g.dtype)
+    square = state.square if state.square is not None else jnp.zeros_like(state.influence)
+    steps = state.steps if state.steps is not None else jnp.zeros((), state.influence.dtype)
     total = decay ** S * state.influence + jnp.einsum("s,skj->kj", weights, g)
     total = jnp.where(jnp.isnan(total), jnp.inf, total)  # a diverged node: never kept
     total = jnp.where(state.candidates, total, 0).astype(state.influence.dtype)
-    matrix = select(total, state.candidates, keep).astype(state.matrix.dtype)
-    return RewireState(total, matrix, state.candidates, state.count + 1)
+    square = decay ** S * square + jnp.einsum("s,skj->kj", weights, g * g)
+    square = jnp.where(state.candidates & ~jnp.isnan(square), square, 0).astype(total.dtype)
+    steps = (decay ** S * steps + weights.sum()).astype(total.dtype)
+    new = RewireState(total, state.matrix, state.candidates, state.count + 1, square, steps)
+    scores = total if statistic == "sum" else jnp.where(
+        jnp.isinf(total), jnp.inf, new.t_statistic())
+    scores = jnp.where(state.candidates, scores, 0)
+    return new._replace(matrix=select(scores, state.candidates, keep).astype(
+        state.matrix.dtype))
 
 
 class RewireResult(NamedTuple):
@@ -222,6 +256,7 @@ def rewire(
     callback: Callable[[int, RewireState], None] | None = None,
     aggregator: Any = None,
     on_divergence: str = "raise",
+    statistic: str = "sum",
 ) -> RewireResult:
     """Decentralized training in which every node periodically re-chooses its collaborators.
 
@@ -259,6 +294,7 @@ def rewire(
         step and node; ``"isolate"`` runs on (see :func:`dicejax.simulate`): a diverged
         node's values never cross zero weights, its scores are NaN, so nobody keeps it
         after the next rewiring, and ``RewireResult.diverged`` says who diverged when.
+      statistic: how candidates are ranked, ``"sum"`` or ``"t"`` (see :func:`update`).
 
     Returns:
       A :class:`RewireResult`.
@@ -274,7 +310,10 @@ def rewire(
     T = int(jnp.shape(leaves[0])[0])
     dtype = jnp.result_type(jax.tree.leaves(params)[0])
     state = init(topology, candidates, dtype)
-    chooser = (lambda s, g, k: update(s, g, k, decay)) if chooser is None else chooser
+    if statistic not in STATISTICS:
+        raise ValueError(f"statistic: must be one of {STATISTICS}, got {statistic!r}")
+    chooser = (lambda s, g, k: update(s, g, k, decay, statistic)) if chooser is None \
+        else chooser
     rule = robust.as_aggregator(aggregator)
     plan = plan_run(loss_fn, params, batches, state.matrix, optimizer, mixing="dense",
                     update_scale=update_scale, aggregator=rule, on_divergence=on_divergence)
@@ -302,4 +341,4 @@ def rewire(
                         jnp.concatenate(losses), diverged)
 
 
-__all__ = ["RewireResult", "RewireState", "init", "rewire", "select", "update"]
+__all__ = ["STATISTICS", "RewireResult", "RewireState", "init", "rewire", "select", "update"]

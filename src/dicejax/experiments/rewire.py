@@ -12,6 +12,9 @@ fraction of the nodes have corrupted data, or gated updates) and trains it under
   is it the influence, or just fewer neighbours?);
 * ``oracle`` — the same degree, honest candidates first, drawn at random each period (the
   ceiling of selection: what knowing the attackers would give);
+* ``influence_t`` — ``influence`` ranking candidates by the mean over standard error of
+  their per-step scores instead of the sum (:func:`dicejax.apps.collaborators.update`,
+  ``statistic="t"``);
 * ``fixed+<rule>`` and ``influence+<rule>`` — the ``fixed`` and ``influence`` arms with a
   Byzantine-robust combine rule instead of the weighted average (:mod:`dicejax.robust`:
   ``trimmed_mean`` drops 1 value at each end, ``median``, ``clipped_gossip`` with the
@@ -54,7 +57,7 @@ from dicejax.simulate import simulate
 
 ARMS = ("clean", "fixed", "influence", "random", "oracle")
 RULE_ARMS = tuple(f"{base}+{rule}" for base in ("fixed", "influence") for rule in robust.RULES)
-ALL_ARMS = ARMS + RULE_ARMS
+ALL_ARMS = (*ARMS, "influence_t", *RULE_ARMS)
 
 
 def _random_chooser(seed: int, penalty: jax.Array | None = None):
@@ -257,13 +260,14 @@ def _one_seed(config: RunConfig, attack: str, corruption, attackers, keep: int, 
             schedule = jnp.broadcast_to(matrix, (T, n, n))
             final = matrix
         else:
-            chooser = {"influence": None, "random": _random_chooser(config.seed),
+            chooser = {"influence": None, "influence_t": None,
+                       "random": _random_chooser(config.seed),
                        "oracle": _oracle_chooser(chosen, n, config.seed)}[base]
             res = collaborators.rewire(
                 setup.loss_fn, setup.params, batches, matrix, optimizer, setup.probe, keep,
                 period, candidates=pool, decay=decay, update_scale=scale, stride=stride,
-                chooser=chooser, score=base == "influence", aggregator=rule,
-                on_divergence="isolate",
+                chooser=chooser, score=base.startswith("influence"), aggregator=rule,
+                on_divergence="isolate", statistic="t" if base == "influence_t" else "sum",
                 callback=None if say is None else (lambda done, state, say=say: say(done)))
             params, schedule, final = res.state.params, res.schedule, res.rewire.matrix
             diverged = res.diverged
