@@ -302,3 +302,24 @@ def test_detect_argument_parsing():
 def test_detection_validation(kwargs, name):
     with pytest.raises(ValueError, match=name):
         detection(RunConfig(nodes=16, steps=10), **{"window": 5, **kwargs})
+
+
+def test_t_statistic_and_squares_against_numpy():
+    rng = np.random.default_rng(0)
+    prox = rng.normal(size=(7, 4, 4))
+    prox[:, 0, 1] = 0.0  # no spread, no mean: 0
+    prox[:, 0, 2] = -2.0  # no spread, a mean: -inf
+    W = np.full((7, 4, 4), 0.25)
+    an = anomaly
+    total = np.asarray(an.accumulate(prox, W))
+    square = np.asarray(an.accumulate_squares(prox, W))
+    per_step = prox / 0.25
+    np.testing.assert_allclose(square, (per_step ** 2).sum(0), rtol=1e-12)
+    t = np.asarray(an.t_statistic(total, square, 7))
+    m, sd = per_step.mean(0), per_step.std(0)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        expect = m / (sd / np.sqrt(7))
+    expect[0, 1], expect[0, 2] = 0.0, -np.inf
+    np.testing.assert_allclose(t, expect, rtol=1e-9)
+    with pytest.raises(ValueError, match="prox"):
+        an.accumulate_squares(prox[0], W[0])

@@ -142,6 +142,41 @@ def accumulate(prox: jax.Array, matrices: jax.Array, normalize: bool = True) -> 
     return prox.sum(axis=0) if prox.ndim == 3 else prox
 
 
+def accumulate_squares(prox: jax.Array, matrices: jax.Array, normalize: bool = True
+                       ) -> jax.Array:
+    """Like :func:`accumulate`, the sum over steps of the *squared* per-step influence
+    (``[S, n, n]`` in; ``[n, n]`` out), the second moment :func:`t_statistic` needs."""
+    prox = jnp.asarray(prox)
+    if prox.ndim != 3:
+        raise ValueError(f"prox: must be per-step [S, n, n], got shape {prox.shape}")
+    if normalize:
+        w = jnp.asarray(matrices).astype(prox.dtype)
+        prox = jnp.where(w > 0, prox / jnp.where(w > 0, w, 1), 0)
+    return jnp.square(prox).sum(axis=0)
+
+
+def t_statistic(total: jax.Array, square: jax.Array, count) -> jax.Array:
+    """Mean over standard error of per-step scores, from their sums.
+
+    ``t = m / (sd / √S)`` with ``m = total / S`` and ``sd² = square / S − m²`` (``S`` may be
+    a discounted count). A score that is large only on average, with a large spread (a
+    noisy sender), gets a small ``|t|``; a consistent one a large ``|t|``.
+
+    Args:
+      total: ``[n, n]`` sum of the per-step scores.
+      square: ``[n, n]`` sum of their squares.
+      count: ``S``, the number (or discounted weight) of steps; scalar.
+
+    Returns:
+      ``[n, n]``: ``±inf`` where the spread is 0 and the mean is not, 0 where both are.
+    """
+    count = jnp.maximum(jnp.asarray(count, jnp.result_type(total)), 1e-30)
+    m = total / count
+    se = jnp.sqrt(jnp.maximum(square / count - m * m, 0) / count)
+    flat = jnp.where(m != 0, jnp.sign(m) * jnp.inf, 0)
+    return jnp.where(se > 0, m / jnp.where(se > 0, se, 1), flat)
+
+
 def in_edges(matrices: jax.Array) -> jax.Array:
     """``[n, n]`` bool: ``j`` sends to ``k`` (``W^t[k, j] > 0`` at some step), ``j ≠ k``.
 
@@ -305,6 +340,7 @@ __all__ = [
     "Detection",
     "DetectionMetrics",
     "accumulate",
+    "accumulate_squares",
     "detect",
     "edge_labels",
     "evaluate",
@@ -312,4 +348,5 @@ __all__ = [
     "proximal_steps",
     "robust_zscores",
     "roc_auc",
+    "t_statistic",
 ]

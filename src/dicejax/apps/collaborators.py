@@ -45,6 +45,7 @@ import optax
 
 from dicejax import robust
 from dicejax import topology as topo_lib
+from dicejax.apps.anomaly import t_statistic
 from dicejax.influence.proximal import proximal_steps
 from dicejax.mixing import make_mixer
 from dicejax.simulate import plan_run
@@ -79,11 +80,7 @@ class RewireState(NamedTuple):
     def t_statistic(self) -> jax.Array:
         """``[n, n]``: mean over standard error of the scored steps' influence per edge
         (``±inf`` where the spread is 0 and the mean is not; 0 with no evidence)."""
-        m = self.influence / jnp.maximum(self.steps, 1e-30)
-        var = jnp.maximum(self.square / jnp.maximum(self.steps, 1e-30) - m * m, 0)
-        se = jnp.sqrt(var / jnp.maximum(self.steps, 1e-30))
-        flat = jnp.where(m != 0, jnp.sign(m) * jnp.inf, 0)
-        return jnp.where(se > 0, m / jnp.where(se > 0, se, 1), flat)
+        return t_statistic(self.influence, self.square, self.steps)
 
 
 def _check_matrix(matrix, name: str) -> jax.Array:

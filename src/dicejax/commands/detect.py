@@ -46,6 +46,9 @@ def register(subparsers, run_args: Callable[..., object],
                         "input units; the paper's variance 100 is 10)")
     g.add_argument("--chunk-steps", type=options.positive_int, default=25, metavar="S",
                    help="recorded steps held in memory at once while scoring")
+    g.add_argument("--statistic", default="sum", choices=("sum", "t"),
+                   help="score each edge by the summed influence over the window (sum) or "
+                        "by its mean over standard error across the window's steps (t)")
     p.set_defaults(fn=lambda a: run(a, make_config))
 
 
@@ -96,7 +99,8 @@ def run(a: argparse.Namespace, make_config: Callable[[argparse.Namespace], objec
 
         result = detection(config, a.attack, a.attackers, a.window, seeds, a.threshold,
                            std=a.std, chunk_steps=a.chunk_steps, callback=on_seed,
-                           progress=on_steps, checkpoint_dir=a.checkpoint_dir)
+                           progress=on_steps, checkpoint_dir=a.checkpoint_dir,
+                           statistic=a.statistic)
     report.console.print(detection_table(result))
     n = len(seeds)
     report.console.print(

@@ -204,6 +204,7 @@ def detection(
     callback: Callable[[int, dict], None] | None = None,
     progress: Callable[[int, int], None] | None = None,
     checkpoint_dir: str | os.PathLike | None = None,
+    statistic: str = "sum",
 ) -> dict:
     """Runs anomaly detection for several seeds and reports its quality.
 
@@ -230,6 +231,9 @@ def detection(
       progress: called after each chunk of steps with ``(seed index, steps done)``.
       checkpoint_dir: keep every finished seed there (and, for data attacks, the training
         checkpoints of the seed in progress); a second call with the same folder resumes.
+      statistic: what each edge is scored by before the robust z-score: ``"sum"`` the
+        accumulated influence, ``"t"`` its mean over standard error across the window's
+        steps (:func:`dicejax.apps.anomaly.t_statistic`).
 
     Returns:
       A JSON-ready dict: the settings, ``per_seed`` (attackers, ROC-AUC, precision, recall,
@@ -249,6 +253,8 @@ def detection(
         raise ValueError(f"threshold: must be a finite number, got {threshold!r}")
     if isinstance(chunk_steps, bool) or not isinstance(chunk_steps, int) or chunk_steps < 1:
         raise ValueError(f"chunk_steps: must be a positive integer, got {chunk_steps!r}")
+    if statistic not in ("sum", "t"):
+        raise ValueError(f"statistic: must be 'sum' or 't', got {statistic!r}")
     corruption_for(attack, std, target)  # validates std and target before any work
     pick_attackers(attackers, config.nodes, 0)  # validate before any work
 
@@ -261,7 +267,8 @@ def detection(
             "experiment": "detection", "config": dataclasses.asdict(config), "attack": attack,
             "attackers": attackers, "window": window, "threshold": threshold, "std": std,
             "target": target, "min_scale": min_scale, "normalize": normalize,
-            "dtype": None if dtype is None else np.dtype(dtype).name})
+            "dtype": None if dtype is None else np.dtype(dtype).name,
+            **({} if statistic == "sum" else {"statistic": statistic})})
     start = time.perf_counter()
     per_seed = []
     for i, seed in enumerate(seeds):
@@ -270,7 +277,7 @@ def detection(
             result = _one_seed(
                 dataclasses.replace(config, seed=int(seed)), attack, attackers, window,
                 threshold, min_scale, normalize, chunk_steps, dtype, optimizer, std=std,
-                target=target,
+                target=target, statistic=statistic,
                 checkpoint_dir=None if store is None else store.subfolder(f"train_{seed}"),
                 progress=None if progress is None else (lambda done, i=i: progress(i, done)))
             if store is not None:
@@ -287,6 +294,7 @@ def detection(
         "threshold": threshold,
         "min_scale": min_scale,
         "normalize": normalize,
+        "statistic": statistic,
         "seeds": seeds,
         "per_seed": per_seed,
         "roc_auc": summarize([r["roc_auc"] for r in per_seed]),
@@ -300,7 +308,8 @@ def detection(
 
 def _one_seed(config: RunConfig, attack: str, attackers, window: int, threshold: float,
               min_scale: float, normalize: bool, chunk_steps: int, dtype: Any, optimizer, *,
-              std: float, target: int, checkpoint_dir=None, progress=None) -> dict:
+              std: float, target: int, statistic: str = "sum", checkpoint_dir=None,
+              progress=None) -> dict:
     from sklearn.metrics import roc_curve
 
     tic = time.perf_counter()
@@ -312,18 +321,22 @@ def _one_seed(config: RunConfig, attack: str, attackers, window: int, threshold:
                     checkpoint_dir=checkpoint_dir if scale is None else None,
                     callback=None if progress is None else (lambda state, done: progress(done)))
     runner.advance(T - window)
-    total, support = None, None
+    total, square, support, count = None, None, None, 0
     while runner.position < T:
         traj = periodic_window(runner.record(min(runner.position + chunk_steps, T), move=True))
         prox = anomaly.proximal_steps(setup.loss_fn, traj, setup.probe)
         mats = traj.matrices()
         part = anomaly.accumulate(prox, mats, normalize)
+        sq = anomaly.accumulate_squares(prox, mats, normalize)
         edges = anomaly.in_edges(mats)
         total = part if total is None else total + part
+        square = sq if square is None else square + sq
+        count += prox.shape[0]
         support = edges if support is None else support | edges
         del traj, prox
     state = runner.state
-    det = anomaly.detect(total, support, threshold, min_scale)
+    scores = total if statistic == "sum" else anomaly.t_statistic(total, square, count)
+    det = anomaly.detect(scores, support, threshold, min_scale)
     metrics = anomaly.evaluate(det, chosen)
     edges = np.asarray(det.edges)
     labels = anomaly.edge_labels(edges, chosen)
