@@ -136,7 +136,7 @@ def rewire_table(result: dict) -> object:
                   "by seed; attacker weight: weight honest nodes put on attackers (their rows' "
                   "attacker mass), averaged over steps; diverged: attackers / honest nodes "
                   "whose updates turned non-finite, all seeds together (the run goes on "
-                  "without them; honest acc is over the honest nodes that stayed finite); "
+                  "without them; a diverged honest node counts with accuracy 0); "
                   "time: wall seconds of the arm, all seeds together")
     cols = ["arm", "honest acc"] + (["min"] if n > 1 else []) + ["vs fixed", "attacker weight",
                                                                  "diverged", "time (s)"]

@@ -25,7 +25,8 @@ honest nodes put on attackers (their rows' attacker mass, averaged over honest n
 the run and per period. Every arm runs with ``on_divergence="isolate"``: an attacker whose
 updates diverge (e.g. a sign-flipper that nobody pulls back) stays non-finite without
 stopping the run or crossing zero weights; each arm reports who diverged at which step, and
-its accuracy is over the honest nodes that stayed finite (with their count).
+an honest node that diverged counts with accuracy 0 (``accuracy_finite``: the mean over the
+honest nodes that stayed finite, NaN if none did).
 """
 
 from __future__ import annotations
@@ -273,10 +274,12 @@ def _one_seed(config: RunConfig, attack: str, corruption, attackers, keep: int, 
             diverged = res.diverged
         acc = np.asarray(evaluate_params(setup.eval_fn, params, setup.test)["accuracy"])
         alive = honest[np.asarray(diverged)[honest] < 0]  # honest nodes that stayed finite
+        acc = np.where(np.asarray(diverged) < 0, acc, 0.0)  # a diverged model serves no one
         share = attacker_weight(schedule, chosen)
         results[arm] = {
-            "accuracy": float(acc[alive].mean()) if alive.size else float("nan"),
-            "accuracy_min": float(acc[alive].min()) if alive.size else float("nan"),
+            "accuracy": float(acc[honest].mean()),
+            "accuracy_min": float(acc[honest].min()),
+            "accuracy_finite": float(acc[alive].mean()) if alive.size else float("nan"),
             "diverged": {int(k): int(diverged[k]) for k in np.flatnonzero(diverged >= 0)},
             "honest_diverged": int(honest.size - alive.size),
             "attacker_weight": float(share.mean()),
