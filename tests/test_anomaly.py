@@ -11,6 +11,8 @@ import argparse
 import itertools
 import json
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
@@ -268,8 +270,10 @@ def test_detect_writes_json_and_figure(cli_run, capsys):
     r = result["per_seed"][0]
     assert len(r["flagged"]) == 16 and len(r["scores"]) == 16
     assert set(r["roc"]) == {"fpr", "tpr"} and r["roc"]["tpr"][-1] == 1.0
-    for key in ("roc_auc", "precision", "recall", "top1", "honest_accuracy"):
+    for key in ("roc_auc", "precision", "recall", "top1", "honest_accuracy",
+                "combined_precision", "combined_recall"):
         assert set(result[key]) == {"mean", "std", "min", "max"}
+    assert np.asarray(r["relative_norm"], dtype=float).shape == (16, 16)
 
 
 @pytest.mark.slow
@@ -323,3 +327,48 @@ def test_t_statistic_and_squares_against_numpy():
     np.testing.assert_allclose(t, expect, rtol=1e-9)
     with pytest.raises(ValueError, match="prox"):
         an.accumulate_squares(prox[0], W[0])
+
+
+def test_update_norms_against_a_loop():
+    loss, params, batches, _ = make_problem(n=4, steps=3)
+    traj = simulate(loss, params, batches, tp.ring(4), optax.sgd(0.3))
+    got = np.asarray(anomaly.update_norms(traj))
+    assert got.shape == (3, 4)
+    for t in range(3):
+        for k in range(4):
+            sq = sum(float(np.sum((np.asarray(h)[t, k] - np.asarray(p)[t, k]) ** 2))
+                     for h, p in zip(jax.tree.leaves(traj.half_params),
+                                     jax.tree.leaves(traj.params), strict=True))
+            np.testing.assert_allclose(got[t, k], np.sqrt(sq), rtol=1e-12)
+    with pytest.raises(ValueError, match="record"):
+        anomaly.update_norms(simulate(loss, params, batches, tp.ring(4), record=False))
+
+
+def test_classify_names_free_riders_noise_and_harm():
+    n = 6
+    edges = np.ones((n, n), bool) & ~np.eye(n, dtype=bool)
+    flagged = np.zeros((n, n), bool)
+    flagged[:, 3] = True  # everyone's influence test flags node 3
+    flagged[3, :] = False
+    np.fill_diagonal(flagged, False)
+    det = anomaly.Detection(jnp.zeros((n, n)), jnp.zeros((n, n)), jnp.asarray(flagged),
+                            jnp.asarray(edges))
+    norms = np.array([1.0, 1.1, 0.0, 0.9, 50.0, 1.0])  # 2 free-rides, 4 is outsized
+    s = anomaly.classify(det, norms)
+    kind = np.asarray(s.kind)
+    for k in range(n):
+        others = [j for j in range(n) if j != k]
+        med = np.median(norms[others])
+        for j in others:
+            ratio = norms[j] / med
+            assert np.isclose(np.asarray(s.relative_norm)[k, j], ratio)
+            want = 2 if ratio < 0.1 else 3 if ratio > 5 else 1 if flagged[k, j] else 0
+            assert kind[k, j] == want, (k, j)
+        assert kind[k, k] == 0
+    assert s.suspected() == {2: "low_effort", 3: "harmful", 4: "outsized"}
+    m = anomaly.evaluate(det, [2, 4], s.flagged)
+    assert m.recall == 1.0 and m.false_positives == n - 1  # node 3's edges are false here
+    with pytest.raises(ValueError, match="low"):
+        anomaly.classify(det, norms, low=1.5)
+    with pytest.raises(ValueError, match="norms"):
+        anomaly.classify(det, norms[:3])

@@ -56,7 +56,7 @@ attacker.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -259,6 +259,94 @@ def detect(influence: jax.Array, edges: jax.Array, threshold: float = 3.5,
 
 
 # ---------------------------------------------------------------------------------------------
+# The combined detector: harmful, low-effort and outsized updates
+
+KINDS = ("none", "harmful", "low_effort", "outsized")
+"""Suspected attack types, by code: ``1`` harmful influence (e.g. corrupted labels), ``2``
+low effort (updates far smaller than the neighbourhood's: free-riders), ``3`` outsized
+updates (far larger: noise, boosting)."""
+
+
+def update_norms(traj: Any) -> jax.Array:
+    """``[T, n]``: the norm of every local update ``‖θ_k^{t+½} − θ_k^t‖`` (all float leaves
+    of a node together) of a recorded trajectory."""
+    if getattr(traj, "half_params", None) is None or getattr(traj, "params", None) is None:
+        raise ValueError("traj: needs a recorded trajectory (record=True)")
+    return _update_norms(traj.half_params, traj.params)
+
+
+@jax.jit
+def _update_norms(half, params):
+    sq = [jnp.sum(jnp.square(h - p[:-1]).reshape(h.shape[0], h.shape[1], -1), axis=-1)
+          for h, p in zip(jax.tree.leaves(half), jax.tree.leaves(params), strict=True)
+          if jnp.issubdtype(h.dtype, jnp.inexact)]
+    return jnp.sqrt(sum(sq))
+
+
+class Suspicion(NamedTuple):
+    """The combined verdict of every node on its in-neighbours.
+
+    Attributes:
+      kind: ``[n, n]`` int, the suspected type of edge ``(k, j)`` (codes of :data:`KINDS`;
+        0 for unflagged edges and non-edges).
+      relative_norm: ``[n, n]`` ``j``'s mean update norm over the median of ``k``'s
+        in-neighbours' (NaN off the edges).
+      flagged: ``[n, n]`` bool, ``kind > 0``.
+      edges: ``[n, n]`` bool, the scored edges.
+    """
+
+    kind: jax.Array
+    relative_norm: jax.Array
+    flagged: jax.Array
+    edges: jax.Array
+
+    def suspected(self) -> dict[int, str]:
+        """Node ``j`` → the type most of the nodes that flag it suspect (ties: the lower
+        code), for every flagged node."""
+        kind, flagged = np.asarray(self.kind), np.asarray(self.flagged)
+        out = {}
+        for j in np.flatnonzero(flagged.any(axis=0)):
+            votes = np.bincount(kind[flagged[:, j], j], minlength=len(KINDS))
+            out[int(j)] = KINDS[int(np.argmax(votes[1:]) + 1)]
+        return out
+
+
+def classify(detection: Detection, norms: jax.Array, low: float = 0.1,
+             high: float = 5.0) -> Suspicion:
+    """Adds update sizes to a :class:`Detection`: free-riders and noise too.
+
+    Node ``k`` compares each in-neighbour's mean update norm with the median over its
+    in-neighbourhood, ``r[k, j] = ‖v_j‖ / median_{j' ∈ N_k} ‖v_j'‖``, and suspects
+    ``low_effort`` where ``r < low`` (a free-rider's updates are zero), ``outsized`` where
+    ``r > high``, else ``harmful`` where the detection flagged the edge.
+
+    Args:
+      detection: from :func:`detect`.
+      norms: ``[n]`` each node's mean update norm over the window (:func:`update_norms`).
+      low: ratio below which updates count as low effort (in ``[0, 1)``).
+      high: ratio above which they count as outsized (above 1).
+
+    Returns:
+      A :class:`Suspicion`.
+    """
+    if not (np.isfinite(low) and 0 <= low < 1):
+        raise ValueError(f"low: must lie in [0, 1), got {low!r}")
+    if not (np.isfinite(high) and high > 1):
+        raise ValueError(f"high: must be a finite number above 1, got {high!r}")
+    edges = jnp.asarray(detection.edges)
+    norms = jnp.asarray(norms)
+    if norms.shape != edges.shape[:1]:
+        raise ValueError(f"norms: must have shape [n] = ({edges.shape[0]},), got {norms.shape}")
+    x = jnp.where(edges, norms[None, :], jnp.nan)
+    med = jnp.nanmedian(jnp.where(edges.any(1, keepdims=True), x, 1.0), axis=1, keepdims=True)
+    ratio = jnp.where(edges, x / jnp.where(med > 0, med, 1.0), jnp.nan)
+    kind = jnp.where(ratio < low, 2, jnp.where(ratio > high, 3,
+                                               jnp.where(detection.flagged, 1, 0)))
+    kind = jnp.where(edges, kind, 0).astype(jnp.int32)
+    return Suspicion(kind, ratio, kind > 0, edges)
+
+
+# ---------------------------------------------------------------------------------------------
 # Evaluation against known attackers
 
 
@@ -300,11 +388,14 @@ def roc_auc(scores: np.ndarray, labels: np.ndarray) -> float:
     return float(roc_auc_score(labels, np.nan_to_num(scores)))
 
 
-def evaluate(detection: Detection, attackers: Sequence[int]) -> DetectionMetrics:
+def evaluate(detection: Detection, attackers: Sequence[int],
+             flagged: jax.Array | None = None) -> DetectionMetrics:
     """Scores a :class:`Detection` against the known attackers (edge-level).
 
     Args:
       detection: from :func:`detect`.
+      flagged: optional ``[n, n]`` bool flags to score instead of the detection's own (e.g.
+        :attr:`Suspicion.flagged`); ROC-AUC and top-1 stay those of its scores.
       attackers: the attacking node indices (at least one must send to someone).
 
     Returns:
@@ -313,7 +404,7 @@ def evaluate(detection: Detection, attackers: Sequence[int]) -> DetectionMetrics
     edges = np.asarray(detection.edges)
     pos = edge_labels(edges, attackers)
     scores = np.asarray(detection.scores, np.float64)
-    flagged = np.asarray(detection.flagged) & edges
+    flagged = np.asarray(detection.flagged if flagged is None else flagged) & edges
     tp = int((flagged & pos).sum())
     fp = int((flagged & ~pos).sum())
     fn = int((~flagged & pos).sum())
@@ -336,11 +427,14 @@ def evaluate(detection: Detection, attackers: Sequence[int]) -> DetectionMetrics
 
 
 __all__ = [
+    "KINDS",
     "MAD_TO_STD",
     "Detection",
     "DetectionMetrics",
+    "Suspicion",
     "accumulate",
     "accumulate_squares",
+    "classify",
     "detect",
     "edge_labels",
     "evaluate",
@@ -349,4 +443,5 @@ __all__ = [
     "robust_zscores",
     "roc_auc",
     "t_statistic",
+    "update_norms",
 ]

@@ -125,23 +125,34 @@ def detection_table(result: dict) -> object:
         caption="Edge level: an edge j → k is positive when the sender j is an attacker. AUC: "
                 "ROC-AUC of the robust z-scores over all edges; prec(ision), recall: of the "
                 "flagged edges (z > threshold); top-1: share of attacked nodes that rank an "
-                "attacker first; honest acc: honest nodes' mean test accuracy after the run; "
+                "attacker first; comb. prec / recall: the combined detector, which also "
+                "flags in-neighbours whose mean update norm is below 0.1x or above 5x the "
+                "neighbourhood's median (free-riders, noise); suspected: the type most "
+                "observers suspect for each attacker; honest acc: honest nodes' mean test "
+                "accuracy after the run; "
                 "time (s): wall seconds of the seed (training, scoring, evaluation). "
                 + ("mean and std: over the seeds." if len(seeds) > 1 else ""))
-    for name in ("seed", "attackers", "AUC", "prec", "recall", "top-1", "honest acc",
-                 "time (s)"):
+    for name in ("seed", "attackers", "AUC", "prec", "recall", "top-1", "comb. prec",
+                 "comb. recall", "suspected", "honest acc", "time (s)"):
         t.add_column(name, justify="right")
+    nan = float("nan")
     for r in result["per_seed"]:
+        kinds = r.get("suspected", {})
         t.add_row(str(r["seed"]), ",".join(map(str, r["attackers"])),
                   f"{r['roc_auc']:.4f}", f"{r['precision']:.4f}", f"{r['recall']:.4f}",
-                  f"{r['top1']:.4f}", f"{r['honest_accuracy']:.4f}",
-                  f"{r['wall_seconds']:.0f}")
+                  f"{r['top1']:.4f}", f"{r.get('combined_precision', nan):.4f}",
+                  f"{r.get('combined_recall', nan):.4f}",
+                  ",".join(kinds.get(str(a), "-") for a in r["attackers"]),
+                  f"{r['honest_accuracy']:.4f}", f"{r['wall_seconds']:.0f}")
     if len(seeds) > 1:
         t.add_section()
-        keys = ("roc_auc", "precision", "recall", "top1", "honest_accuracy")
+        keys = ("roc_auc", "precision", "recall", "top1", "combined_precision",
+                "combined_recall")
         mean_time = sum(r["wall_seconds"] for r in result["per_seed"]) / len(seeds)
-        t.add_row("mean", "", *[f"{result[k]['mean']:.4f}" for k in keys], f"{mean_time:.0f}")
-        t.add_row("std", "", *[f"{result[k]['std']:.4f}" for k in keys], "")
+        t.add_row("mean", "", *[f"{result[k]['mean']:.4f}" for k in keys], "",
+                  f"{result['honest_accuracy']['mean']:.4f}", f"{mean_time:.0f}")
+        t.add_row("std", "", *[f"{result[k]['std']:.4f}" for k in keys], "",
+                  f"{result['honest_accuracy']['std']:.4f}", "")
     return t
 
 

@@ -237,6 +237,8 @@ def detection(
 
     Returns:
       A JSON-ready dict: the settings, ``per_seed`` (attackers, ROC-AUC, precision, recall,
+      precision and recall of the combined detector (:func:`dicejax.apps.anomaly.classify`:
+      also low-effort and outsized updates) and the attack type it suspects per flagged node,
       top-1 rate, flagged in-neighbours of every node, edge scores ``[n, n]`` with ``None``
       off the edges, the ROC curve, honest nodes' mean test accuracy, wall seconds), and
       ``roc_auc``, ``precision``, ``recall``, ``top1`` summarised over seeds (mean, std,
@@ -301,6 +303,10 @@ def detection(
         "precision": summarize([r["precision"] for r in per_seed]),
         "recall": summarize([r["recall"] for r in per_seed]),
         "top1": summarize([r["top1"] for r in per_seed]),
+        "combined_precision": summarize([r.get("combined_precision", float("nan"))
+                                         for r in per_seed]),
+        "combined_recall": summarize([r.get("combined_recall", float("nan"))
+                                      for r in per_seed]),
         "honest_accuracy": summarize([r["honest_accuracy"] for r in per_seed]),
         "wall_seconds": time.perf_counter() - start,
     }
@@ -321,7 +327,7 @@ def _one_seed(config: RunConfig, attack: str, attackers, window: int, threshold:
                     checkpoint_dir=checkpoint_dir if scale is None else None,
                     callback=None if progress is None else (lambda state, done: progress(done)))
     runner.advance(T - window)
-    total, square, support, count = None, None, None, 0
+    total, square, support, count, norm_sum = None, None, None, 0, 0.0
     while runner.position < T:
         traj = periodic_window(runner.record(min(runner.position + chunk_steps, T), move=True))
         prox = anomaly.proximal_steps(setup.loss_fn, traj, setup.probe)
@@ -332,12 +338,15 @@ def _one_seed(config: RunConfig, attack: str, attackers, window: int, threshold:
         total = part if total is None else total + part
         square = sq if square is None else square + sq
         count += prox.shape[0]
+        norm_sum = norm_sum + np.asarray(anomaly.update_norms(traj), np.float64).sum(axis=0)
         support = edges if support is None else support | edges
         del traj, prox
     state = runner.state
     scores = total if statistic == "sum" else anomaly.t_statistic(total, square, count)
     det = anomaly.detect(scores, support, threshold, min_scale)
     metrics = anomaly.evaluate(det, chosen)
+    suspicion = anomaly.classify(det, norm_sum / count)
+    combined = anomaly.evaluate(det, chosen, suspicion.flagged)
     edges = np.asarray(det.edges)
     labels = anomaly.edge_labels(edges, chosen)
     scores = np.nan_to_num(np.asarray(det.scores, np.float64), posinf=np.finfo(float).max,
@@ -350,6 +359,10 @@ def _one_seed(config: RunConfig, attack: str, attackers, window: int, threshold:
         "attackers": chosen,
         **metrics._asdict(),
         "flagged": det.flagged_neighbours(),
+        "combined_precision": combined.precision,
+        "combined_recall": combined.recall,
+        "suspected": {str(j): kind for j, kind in suspicion.suspected().items()},
+        "relative_norm": np.asarray(suspicion.relative_norm, np.float64),
         "scores": np.where(edges, np.asarray(det.scores, np.float64), np.nan),
         "influence": np.asarray(det.influence, np.float64),
         "roc": {"fpr": fpr, "tpr": tpr},
