@@ -184,6 +184,10 @@ def rewire_figure(result: dict, path: Path) -> Path:
            ylabel="honest nodes' mean test accuracy",
            title="accuracy per arm (diamond: mean" + (" ± std" if len(per_seed) > 1 else "")
                  + "; dots: seeds)")
+    if len(arms) > 4 or max(len(a) for a in arms) > 10:  # long or many names: slant them
+        ax.tick_params(axis="x", labelrotation=30)
+        for label in ax.get_xticklabels():
+            label.set_horizontalalignment("right")
     if len(per_seed) > 1:
         ax.legend(fontsize=8, loc="lower left")
     period = result["period"]
@@ -201,5 +205,6 @@ def rewire_figure(result: dict, path: Path) -> Path:
            xlim=(0, total or steps[-1]),
            title="attackers' share of honest rows (mean over seeds)")
     wx.set_ylim(bottom=-0.01)
-    wx.legend(fontsize=8, title="arm")
+    wx.legend(fontsize=8, title="arm", loc="upper left", bbox_to_anchor=(1.01, 1.0),
+              borderaxespad=0)  # beside the axes: never over a curve
     return report.save_figure(fig, path)
