@@ -55,6 +55,7 @@ from dicejax.experiments.common import (
     summarize,
 )
 from dicejax.simulate import simulate
+from dicejax.simulator import node_finite
 
 ARMS = ("clean", "fixed", "influence", "random", "oracle")
 RULE_ARMS = tuple(f"{base}+{rule}" for base in ("fixed", "influence") for rule in robust.RULES)
@@ -273,8 +274,10 @@ def _one_seed(config: RunConfig, attack: str, corruption, attackers, keep: int, 
             params, schedule, final = res.state.params, res.schedule, res.rewire.matrix
             diverged = res.diverged
         acc = np.asarray(evaluate_params(setup.eval_fn, params, setup.test)["accuracy"])
-        alive = honest[np.asarray(diverged)[honest] < 0]  # honest nodes that stayed finite
-        acc = np.where(np.asarray(diverged) < 0, acc, 0.0)  # a diverged model serves no one
+        # a node can also turn NaN in the last gossip, after its last (finite) update
+        ok = (np.asarray(diverged) < 0) & np.asarray(node_finite(params))
+        alive = honest[ok[honest]]  # honest nodes that stayed finite
+        acc = np.where(ok, acc, 0.0)  # a diverged model serves no one
         share = attacker_weight(schedule, chosen)
         results[arm] = {
             "accuracy": float(acc[honest].mean()),
@@ -282,6 +285,7 @@ def _one_seed(config: RunConfig, attack: str, corruption, attackers, keep: int, 
             "accuracy_finite": float(acc[alive].mean()) if alive.size else float("nan"),
             "diverged": {int(k): int(diverged[k]) for k in np.flatnonzero(diverged >= 0)},
             "honest_diverged": int(honest.size - alive.size),
+            "final_non_finite": np.flatnonzero(~ok).tolist(),
             "attacker_weight": float(share.mean()),
             "attacker_weight_per_period": share[::period].tolist(),
             "final_matrix": np.asarray(final, np.float64),
