@@ -137,9 +137,14 @@ def accumulate(prox: jax.Array, matrices: jax.Array, normalize: bool = True) -> 
     if matrices.ndim == 3 and prox.ndim == 2:
         raise ValueError("matrices: per-step matrices need per-step prox [S, n, n]")
     if normalize:
-        w = matrices.astype(prox.dtype)
-        prox = jnp.where(w > 0, prox / jnp.where(w > 0, w, 1), 0)
+        prox = per_unit_weight(prox, matrices)
     return prox.sum(axis=0) if prox.ndim == 3 else prox
+
+
+def per_unit_weight(prox: jax.Array, matrices: jax.Array) -> jax.Array:
+    """``prox / W`` where ``W > 0``, else 0 (shapes as in :func:`accumulate`)."""
+    w = jnp.asarray(matrices).astype(prox.dtype)
+    return jnp.where(w > 0, prox / jnp.where(w > 0, w, 1), 0)
 
 
 def accumulate_squares(prox: jax.Array, matrices: jax.Array, normalize: bool = True
@@ -150,8 +155,7 @@ def accumulate_squares(prox: jax.Array, matrices: jax.Array, normalize: bool = T
     if prox.ndim != 3:
         raise ValueError(f"prox: must be per-step [S, n, n], got shape {prox.shape}")
     if normalize:
-        w = jnp.asarray(matrices).astype(prox.dtype)
-        prox = jnp.where(w > 0, prox / jnp.where(w > 0, w, 1), 0)
+        prox = per_unit_weight(prox, matrices)
     return jnp.square(prox).sum(axis=0)
 
 
@@ -439,6 +443,7 @@ __all__ = [
     "edge_labels",
     "evaluate",
     "in_edges",
+    "per_unit_weight",
     "proximal_steps",
     "robust_zscores",
     "roc_auc",
