@@ -12,9 +12,12 @@ Every (graph, n, function) runs in a fresh subprocess, so that its peak resident
 (``ru_maxrss``: the whole process — JAX, the data, the recorded run and the function) is its
 own; time is wall-clock seconds of the first call, compilation included. The growth
 exponent of each function is the least-squares slope of ``log time`` on ``log n`` over
-``n >= 256``. ``--budget-check`` compares the memory estimate of a chunk of sources
-(:func:`dicejax.influence.budget.source_bytes` × chunk) with the peak memory the chunked
-call adds, for several chunk sizes.
+``n >= 256``. ``--budget-check`` compares, for several chunk sizes, the memory a chunked call
+is budgeted by — XLA's buffer assignment of its compiled program
+(:func:`dicejax.influence.budget.compiled_bytes`), and the first-guess estimate
+(:func:`dicejax.influence.budget.source_bytes` × chunk) — with the peak resident memory the
+call adds: its first call (compilation included) and a second one (execution only; the
+peak is reset through ``/proc/self/clear_refs`` in between).
 
 Usage::
 
@@ -60,6 +63,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--budget-check", action="store_true")
     p.add_argument("--budget-nodes", type=int, default=1024,
                    help="ring size of --budget-check (chunks of n/16, n/4 and n sources)")
+    p.add_argument("--budget-graphs", default="ring",
+                   help="graphs of --budget-check (comma list)")
     p.add_argument("--out", default=str(RESULTS_DIR / "bench_reach.json"))
     p.add_argument("--merge", nargs="+", metavar="JSON",
                    help="combine the rows of earlier runs (result or .partial.json files) "
@@ -136,17 +141,49 @@ def run_one(graph_name: str, n: int, fn: str, budget: float | None,
         if hasattr(out, "total"):
             row["form"] = type(out).__name__
             jax.block_until_ready(out.total)
+        row["peak_rss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
         if fn in ("dice_gt", "dice_e", "dice_e2"):
             kind = "gt" if fn == "dice_gt" else "e"
+            order = 2 if fn == "dice_e2" else 1
             plan = di.cascade.plan_cascade(loss_fn, traj, probe, SOURCE_STEP, HOPS, kind=kind,
-                                           order=2 if fn == "dice_e2" else 1, **opts)
+                                           order=order, **opts)
             row.update(mode=plan.mode, batch_size=plan.batch_size,
                        bytes_per_source=plan.bytes_per_source,
                        reach=None if plan.tables is None else list(plan.tables.sizes))
-    row["peak_rss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+            if batch_size is not None:  # --budget-check: XLA's count, execution-only peak
+                row.update(memory_check(loss_fn, traj, probe, plan, calls[fn], kind, order))
+    row.setdefault("peak_rss_bytes", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
     row["rss_before_bytes"] = rss0
     row["load_after"] = load_average()
     return row
+
+
+def _vm(key: str) -> int:
+    """``VmRSS`` / ``VmHWM`` of this process in bytes."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(key + ":"):
+            return int(line.split()[1]) * 1024
+    raise KeyError(key)
+
+
+def memory_check(loss_fn, traj, probe, plan, call, kind: str, order: int) -> dict:
+    """XLA's buffer count of the chunk program the call ran, and the peak a second call adds
+    (resident memory before it to its peak, the peak reset in between)."""
+    import jax
+    import jax.numpy as jnp
+
+    from dicejax.influence import budget, cascade
+
+    n = traj.num_nodes
+    fn, args, static = cascade.chunk_program(
+        loss_fn, traj, probe, SOURCE_STEP, HOPS, jnp.full((n,), 1.0 / n), plan, kind=kind,
+        order=order, direct="exact" if order == 2 else "taylor")
+    xla = budget.compiled_bytes(fn.lower(*args, batch_size=plan.batch_size,
+                                         **static).compile())
+    before = _vm("VmRSS")
+    Path("/proc/self/clear_refs").write_text("5")
+    jax.block_until_ready(call().total)
+    return {"xla_bytes": xla, "exec_added_bytes": _vm("VmHWM") - before}
 
 
 def sweep(args, partial: Path | None = None) -> list[dict]:
@@ -257,38 +294,34 @@ def figure(rows: list[dict], path: Path) -> Path:
 
 
 def budget_check(args) -> list[dict]:
-    """The per-source estimate against measured memory (ring, ``--budget-nodes`` nodes).
+    """XLA's count and the first-guess estimate against measured memory (``--budget-nodes``
+    nodes on each of ``--budget-graphs``).
 
-    For chunks of ``k`` sources (``batch_size=k``, one subprocess each), the bytes the call
-    adds to the process's peak (``ru_maxrss`` after it minus before it) against
-    ``k × source_bytes``; and the marginal bytes of one more source (the slope between the
-    chunk sizes) against ``source_bytes``.
+    For chunks of ``k`` sources (``batch_size=k``, one subprocess each): the bytes the first
+    call adds to the process's peak (``ru_maxrss`` after it minus the resident memory before
+    it: compilation and execution) and a second call's (execution only), against XLA's count
+    of the compiled chunk program and against ``k × source_bytes``.
     """
     rows = []
-    for fn in ("dice_gt", "dice_e", "dice_e2"):
-        n = args.budget_nodes
-        for k in (n // 16, n // 4, n):
-            cmd = [sys.executable, __file__, "--one", "ring", str(n), fn, "--batch-size",
-                   str(k)]
-            out = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout)
-            row = json.loads(out.stdout.strip().splitlines()[-1])
-            estimate = row["bytes_per_source"] * row["batch_size"]
-            added = row["peak_rss_bytes"] - row["rss_before_bytes"]
-            row.update(estimate_bytes=estimate, added_bytes=added, ratio=added / estimate)
-            rows.append(row)
-            print(f"{fn:8s} chunk {row['batch_size']:5d}  per source "
-                  f"{row['bytes_per_source'] / 2**20:6.2f} MiB  estimate "
-                  f"{estimate / 2**20:7.0f} MiB  measured {added / 2**20:7.0f} MiB  "
-                  f"ratio {row['ratio']:.2f}", flush=True)
-        mine = [r for r in rows if r["function"] == fn]
-        slope = ((mine[-1]["added_bytes"] - mine[0]["added_bytes"])
-                 / (mine[-1]["batch_size"] - mine[0]["batch_size"]))
-        for r in mine:
-            r["marginal_bytes_per_source"] = slope
-            r["marginal_ratio"] = slope / r["bytes_per_source"]
-        print(f"{fn:8s} marginal {slope / 2**20:.2f} MiB per source, estimate "
-              f"{mine[0]['bytes_per_source'] / 2**20:.2f} MiB: ratio "
-              f"{mine[0]['marginal_ratio']:.2f}", flush=True)
+    n = args.budget_nodes
+    for g in args.budget_graphs.split(","):
+        for fn in ("dice_gt", "dice_e", "dice_e2"):
+            for k in (n // 16, n // 4, n):
+                cmd = [sys.executable, __file__, "--one", g, str(n), fn, "--batch-size", str(k)]
+                out = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout)
+                row = json.loads(out.stdout.strip().splitlines()[-1])
+                first = row["peak_rss_bytes"] - row["rss_before_bytes"]
+                guess = row["bytes_per_source"] * row["batch_size"]
+                row.update(estimate_bytes=guess, first_added_bytes=first,
+                           exec_over_xla=row["exec_added_bytes"] / row["xla_bytes"],
+                           first_over_xla=first / row["xla_bytes"],
+                           guess_over_exec=guess / row["exec_added_bytes"])
+                rows.append(row)
+                print(f"{g:8s} {fn:8s} chunk {row['batch_size']:5d}  XLA "
+                      f"{row['xla_bytes'] / 2**20:7.0f} MiB  second call "
+                      f"{row['exec_added_bytes'] / 2**20:7.0f} MiB "
+                      f"({row['exec_over_xla']:.2f})  first call {first / 2**20:7.0f} MiB  "
+                      f"first guess {guess / 2**20:7.0f} MiB", flush=True)
     return rows
 
 

@@ -5,6 +5,8 @@ different test workers)."""
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -14,7 +16,7 @@ import pytest
 import dicejax as dj
 from conftest import make_problem
 from dicejax import influence as di
-from dicejax.influence import budget, reach
+from dicejax.influence import budget, cascade, reach
 from test_reach import _close, _sparse_directed
 
 
@@ -33,11 +35,21 @@ def test_sources_subset_and_chunks_give_the_same_scores(rng):
         _close(di.dice_e(loss, traj, probe, 1, 2, sources=idx, mode=m,
                          batch_size=batch_size), full_e[idx])
     _close(full["reach"], full["dense"])
-    # a tiny budget forces one source per chunk: same numbers
-    nb = budget.node_bytes(traj.simulator, traj.node_state(0, 0),
-                           jax.tree.map(lambda x: x[0, 0], traj.batches), probe)
-    one = budget.source_bytes(nb, (1, 3, 5), kind="gt", degree=3)
-    _close(di.dice_gt(loss, traj, probe, 1, 2, memory_budget=one), full["reach"])
+    # a budget between XLA's bytes of one source per chunk and of all twelve: smaller
+    # chunks, within the budget, the same numbers
+    plan = di.plan_cascade(loss, traj, probe, 1, 2, kind="gt", batch_size=1)
+    fn, args, static = cascade.chunk_program(loss, traj, probe, 1, 2, jnp.full((n,), 1.0 / n),
+                                             plan, kind="gt")
+    need = {k: budget.compiled_bytes(fn.lower(*args, batch_size=k, **static).compile())
+            for k in (1, n)}
+    assert need[1] < need[n]
+    cascade.FITTED.clear()
+    _close(di.dice_gt(loss, traj, probe, 1, 2, memory_budget=(need[1] + need[n]) // 2),
+           full["reach"])
+    used = [k for (_, k) in cascade.FITTED]
+    assert used and min(used) < n
+    assert budget.compiled_bytes(cascade.FITTED[next(reversed(cascade.FITTED))]) <= (
+        need[1] + need[n]) // 2
     cas = di.gt_cascade(loss, traj, probe, 1, 2, sources=[4])
     assert isinstance(cas, di.SparseCascade) and cas.total.shape == (1,)
     assert cas.nodes[0].shape == (1, 3) and cas.nodes[0][0].tolist() == [3, 4, 5]
@@ -69,7 +81,8 @@ def test_bad_sources_modes_and_budgets_raise_value_errors():
     for bad in (0, -5, float("nan"), "1GB", True):
         with pytest.raises(ValueError, match="memory_budget"):
             di.dice_gt(loss, traj, probe, 0, memory_budget=bad)
-    with pytest.raises(ValueError, match=r"memory_budget: one source of DICE-GT needs about"):
+    with pytest.raises(ValueError, match=r"memory_budget: one source per chunk of DICE-GT "
+                       r"needs .* \(XLA's buffer assignment"):
         di.dice_gt(loss, traj, probe, 0, memory_budget=1000)
     with pytest.raises(ValueError, match="batch_size"):
         di.dice_e(loss, traj, probe, 0, batch_size=0)
@@ -85,6 +98,53 @@ def test_budget_estimate_grows_with_the_reach_and_the_order():
     assert budget.chunk_size(100, small, 10 * small, what="x") == 10
     assert budget.chunk_size(5, small, 10 * small, what="x") == 5
     assert budget.available_memory() > 0 and budget.default_budget() > 0
+
+
+class _Program:
+    """A stand-in compiled program whose buffers take ``F + k S`` bytes."""
+
+    def __init__(self, k, fixed, per):
+        self.k, self.bytes = k, fixed + k * per
+
+    def memory_analysis(self):
+        return SimpleNamespace(temp_size_in_bytes=self.bytes - 8, output_size_in_bytes=8,
+                               alias_size_in_bytes=0)
+
+
+@pytest.mark.parametrize("num,first,fixed,per,limit", [
+    (100, 10, 1000, 50, 10_000),   # the first guess fits: one compilation
+    (100, 100, 1000, 50, 3_000),   # too big: shrinks to the largest equal chunk that fits
+    (64, 64, 5000, 10, 5_400),
+    (7, 7, 100, 1000, 3_500),
+    (100, 1, 1000, 50, 5_000),     # a first guess of one source that fits
+])
+def test_fit_chunk_picks_the_largest_equal_chunk_within_the_budget(num, first, fixed, per,
+                                                                   limit):
+    calls = []
+
+    def compile_at(k):
+        calls.append(k)
+        return _Program(k, fixed, per)
+
+    balance = cascade.balanced_chunk
+    k, prog, need = budget.fit_chunk(compile_at, first, num, limit, what="x", balance=balance)
+    assert prog.k == k and need == fixed + k * per <= limit and len(calls) <= 3
+    if fixed + first * per <= limit:
+        assert k == first and calls == [first]
+    else:  # brute force: the largest k <= first whose equal chunks fit
+        best = max(c for c in range(1, first + 1) if fixed + balance(num, c) * per <= limit)
+        assert k == balance(num, best)
+
+
+def test_fit_chunk_refuses_when_one_source_does_not_fit():
+    with pytest.raises(ValueError, match=r"memory_budget: one source per chunk of DICE-E needs "
+                       r"1\.0 KiB"):
+        budget.fit_chunk(lambda k: _Program(k, 1000, 24), 8, 8, 900, what="DICE-E",
+                         balance=cascade.balanced_chunk)
+    # a backend that does not report its buffers: the first guess runs
+    k, _, need = budget.fit_chunk(lambda k: SimpleNamespace(memory_analysis=lambda: None), 4,
+                                  8, 1, what="x", balance=cascade.balanced_chunk)
+    assert (k, need) == (4, None)
 
 
 @pytest.mark.slow

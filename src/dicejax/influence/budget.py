@@ -11,14 +11,23 @@ much it needs.
 The estimate counts, per source, the largest hop of its re-run: the local updates of the
 nodes it has reached (their states, gradients, new optimizer states and the activations the
 backward pass keeps), the gossiped states of the next hop and the probe evaluations of the
-reached nodes; DICE-E counts twice (a tangent beside every primal value). ``README.md``
-(memory guide) and
-``benchmarks/bench_reach.py`` compare it with measured peak memory.
+reached nodes; DICE-E counts twice (a tangent beside every primal value). It is only the
+first guess, and a conservative one (XLA fuses and reuses most of those buffers: measured
+4-19x more than the program needs, ``benchmarks/RESULTS.md`` §5).
+
+What decides is XLA's own buffer assignment of the compiled chunk program
+(:func:`compiled_bytes`: its temporary and output buffers; the recorded trajectory it reads
+is already resident): :func:`fit_chunk` compiles the program at the guessed chunk and, when
+XLA says it exceeds the budget, shrinks the chunk along the line through the measured
+points (at most three compilations; the program that runs is one of them, so a call that
+fits compiles once, as without a budget). ``README.md`` (memory guide) and
+``benchmarks/bench_reach.py --budget-check`` compare both with measured peak memory.
 """
 
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import jax
@@ -152,13 +161,79 @@ def chunk_size(num_sources: int, per_source: int, budget: int, *, what: str) -> 
     return max(1, min(num_sources, budget // max(per_source, 1)))
 
 
+def compiled_bytes(compiled: Any) -> int | None:
+    """Bytes a compiled program allocates beyond its arguments, from XLA's buffer assignment
+    (temporaries plus outputs, less outputs aliased to inputs); None where the backend does
+    not report it."""
+    try:
+        stats = compiled.memory_analysis()
+    except Exception:  # backends without the analysis
+        return None
+    if stats is None:
+        return None
+    return int(stats.temp_size_in_bytes + stats.output_size_in_bytes
+               - stats.alias_size_in_bytes)
+
+
+def fit_chunk(compile_at: Callable[[int], Any], first: int, num: int, budget: int, *,
+              what: str, balance: Callable[[int, int], int]) -> tuple[int, Any, int | None]:
+    """The chunk of sources whose compiled program fits ``budget``, by XLA's count.
+
+    Compiles at ``first`` sources per chunk (the estimate's choice). If XLA's buffer
+    assignment (:func:`compiled_bytes`) exceeds the budget, compiles one source per chunk;
+    the bytes of a chunk of ``k`` are then ``F + k S`` through the two points, and the
+    largest ``k`` within the budget is compiled (if it still does not fit, one source per
+    chunk runs). At most three compilations.
+
+    Args:
+      compile_at: ``k -> compiled program`` with ``k`` sources per chunk.
+      first: the first chunk to try; num: the number of sources.
+      budget: bytes.
+      what: names the computation in the error.
+      balance: ``(num, largest) -> chunk`` (equal chunks of at most ``largest``).
+
+    Returns:
+      ``(chunk, compiled, bytes)`` (``bytes`` None where XLA does not report it).
+
+    Raises:
+      ValueError: when one source per chunk exceeds the budget; it says how much it needs.
+    """
+    compiled = compile_at(first)
+    need = compiled_bytes(compiled)
+    if need is None or need <= budget:
+        return first, compiled, need
+    if first > 1:
+        one = compile_at(1)
+        need_one = compiled_bytes(one)
+    else:
+        one, need_one = compiled, need
+    if need_one is not None and need_one > budget:
+        raise ValueError(
+            f"memory_budget: one source per chunk of {what} needs {human_bytes(need_one)} "
+            f"(XLA's buffer assignment of the compiled program), more than the budget of "
+            f"{human_bytes(budget)}; pass a larger memory_budget=, score fewer hops, or run on "
+            "a device with more memory")
+    if first == 1 or need_one is None:
+        return 1, one, need_one
+    per = max((need - need_one) / (first - 1), 1.0)
+    k = balance(num, max(1, min(first - 1, int((budget - need_one) / per) + 1)))
+    if k > 1:
+        compiled = compile_at(k)
+        got = compiled_bytes(compiled)
+        if got is not None and got <= budget:
+            return k, compiled, got
+    return 1, one, need_one
+
+
 __all__ = [
     "DEFAULT_FRACTION",
     "NodeBytes",
     "available_memory",
     "check_budget",
     "chunk_size",
+    "compiled_bytes",
     "default_budget",
+    "fit_chunk",
     "human_bytes",
     "node_bytes",
     "source_bytes",
