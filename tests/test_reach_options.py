@@ -43,12 +43,12 @@ def test_sources_subset_and_chunks_give_the_same_scores(rng):
     need = {k: budget.compiled_bytes(fn.lower(*args, batch_size=k, **static).compile())
             for k in (1, n)}
     assert need[1] < need[n]
-    cascade.FITTED.clear()
+    budget.FITTED.clear()
     _close(di.dice_gt(loss, traj, probe, 1, 2, memory_budget=(need[1] + need[n]) // 2),
            full["reach"])
-    used = [k for (_, k) in cascade.FITTED]
+    used = [k for (_, k) in budget.FITTED]
     assert used and min(used) < n
-    assert budget.compiled_bytes(cascade.FITTED[next(reversed(cascade.FITTED))]) <= (
+    assert budget.compiled_bytes(budget.FITTED[next(reversed(budget.FITTED))]) <= (
         need[1] + need[n]) // 2
     cas = di.gt_cascade(loss, traj, probe, 1, 2, sources=[4])
     assert isinstance(cas, di.SparseCascade) and cas.total.shape == (1,)
@@ -81,8 +81,8 @@ def test_bad_sources_modes_and_budgets_raise_value_errors():
     for bad in (0, -5, float("nan"), "1GB", True):
         with pytest.raises(ValueError, match="memory_budget"):
             di.dice_gt(loss, traj, probe, 0, memory_budget=bad)
-    with pytest.raises(ValueError, match=r"memory_budget: one source per chunk of DICE-GT "
-                       r"needs .* \(XLA's buffer assignment"):
+    with pytest.raises(ValueError, match=r"memory_budget: a chunk of one source needs .* "
+                       r"\(XLA's buffer assignment of the compiled DICE-GT program"):
         di.dice_gt(loss, traj, probe, 0, memory_budget=1000)
     with pytest.raises(ValueError, match="batch_size"):
         di.dice_e(loss, traj, probe, 0, batch_size=0)
@@ -95,8 +95,6 @@ def test_budget_estimate_grows_with_the_reach_and_the_order():
     assert small < budget.source_bytes(nb, (1, 3, 9), kind="gt")
     assert budget.source_bytes(nb, (1, 3, 5), kind="e") < budget.source_bytes(
         nb, (1, 3, 5), kind="e", order=2)
-    assert budget.chunk_size(100, small, 10 * small, what="x") == 10
-    assert budget.chunk_size(5, small, 10 * small, what="x") == 5
     assert budget.available_memory() > 0 and budget.default_budget() > 0
 
 
@@ -126,7 +124,7 @@ def test_fit_chunk_picks_the_largest_equal_chunk_within_the_budget(num, first, f
         calls.append(k)
         return _Program(k, fixed, per)
 
-    balance = cascade.balanced_chunk
+    balance = budget.balanced_chunk
     k, prog, need = budget.fit_chunk(compile_at, first, num, limit, what="x", balance=balance)
     assert prog.k == k and need == fixed + k * per <= limit and len(calls) <= 3
     if fixed + first * per <= limit:
@@ -137,13 +135,13 @@ def test_fit_chunk_picks_the_largest_equal_chunk_within_the_budget(num, first, f
 
 
 def test_fit_chunk_refuses_when_one_source_does_not_fit():
-    with pytest.raises(ValueError, match=r"memory_budget: one source per chunk of DICE-E needs "
-                       r"1\.0 KiB"):
+    with pytest.raises(ValueError, match=r"memory_budget: a chunk of one source needs 1\.0 KiB "
+                       r"\(XLA's buffer assignment of the compiled DICE-E program"):
         budget.fit_chunk(lambda k: _Program(k, 1000, 24), 8, 8, 900, what="DICE-E",
-                         balance=cascade.balanced_chunk)
+                         balance=budget.balanced_chunk)
     # a backend that does not report its buffers: the first guess runs
     k, _, need = budget.fit_chunk(lambda k: SimpleNamespace(memory_analysis=lambda: None), 4,
-                                  8, 1, what="x", balance=cascade.balanced_chunk)
+                                  8, 1, what="x", balance=budget.balanced_chunk)
     assert (k, need) == (4, None)
 
 

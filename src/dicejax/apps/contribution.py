@@ -57,8 +57,14 @@ import numpy as np
 
 from dicejax.influence import ledger as ledger_fn
 from dicejax.influence import neighbourhood_factor, trajectory_attribution
-from dicejax.influence.budget import check_budget, chunk_size, node_bytes, source_bytes
-from dicejax.influence.cascade import balanced_chunk, map_sources
+from dicejax.influence.budget import (
+    balanced_chunk,
+    check_budget,
+    node_bytes,
+    run_chunked,
+    source_bytes,
+)
+from dicejax.influence.cascade import map_sources
 from dicejax.influence.rerun import (
     check_query,
     float_dtype,
@@ -329,9 +335,10 @@ def _check_count(value: Any, name: str, least: int = 1) -> int:
 
 def _runs_per_chunk(traj: Trajectory, probe: PyTree, loss_fn: LossFn, num_runs: int,
                     batch_size: int | None, memory_budget: Any, *, cut: bool) -> int:
-    """Re-runs per vmapped chunk: ``batch_size``, or what fits in the memory budget (one
-    run keeps every node's state and one step's local updates, gossip and probe
-    evaluations; with ``cut`` also its own ``[P, n, n]`` matrices)."""
+    """Re-runs per vmapped chunk: ``batch_size``, or the first guess of what fits in the
+    memory budget (one run keeps every node's state and one step's local updates, gossip
+    and probe evaluations; with ``cut`` also its own ``[P, n, n]`` matrices), which
+    :func:`~dicejax.influence.budget.run_chunked` checks by XLA's count."""
     budget = check_budget(memory_budget)
     if batch_size is not None:
         return min(batch_size, max(num_runs, 1))
@@ -343,9 +350,7 @@ def _runs_per_chunk(traj: Trajectory, probe: PyTree, loss_fn: LossFn, num_runs: 
     if cut:
         m = traj.mixer.matrices
         per_run += 2 * m.size * m.dtype.itemsize
-    largest = chunk_size(max(num_runs, 1), per_run, budget,
-                         what="a re-run of the whole trajectory")
-    return balanced_chunk(max(num_runs, 1), largest)
+    return balanced_chunk(max(num_runs, 1), max(1, budget // max(per_run, 1)))
 
 
 def _losses(loss_fn, traj, probe, gates: np.ndarray, removed: np.ndarray | None, *,
@@ -356,8 +361,10 @@ def _losses(loss_fn, traj, probe, gates: np.ndarray, removed: np.ndarray | None,
     dtype = float_dtype(traj)
     per = _runs_per_chunk(traj, probe, loss_fn, m, batch_size, memory_budget, cut=cut)
     removed = np.full((m,), n) if removed is None else removed
-    return _final_losses(loss_fn, traj, probe, jnp.asarray(gates, dtype),
-                         jnp.asarray(removed, jnp.int32), cut=cut, batch_size=per)
+    return run_chunked(_final_losses, (loss_fn, traj, probe, jnp.asarray(gates, dtype),
+                                       jnp.asarray(removed, jnp.int32)), dict(cut=cut),
+                       chunk=per, num=m, what="re-run", unit="re-run",
+                       budget=None if batch_size is not None else check_budget(memory_budget))
 
 
 def leave_one_out(loss_fn: LossFn, traj: Trajectory, probe: PyTree, *,

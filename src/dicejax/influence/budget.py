@@ -26,6 +26,7 @@ fits compiles once, as without a budget). ``README.md`` (memory guide) and
 
 from __future__ import annotations
 
+import collections
 import os
 from collections.abc import Callable
 from typing import Any, NamedTuple
@@ -151,16 +152,6 @@ def human_bytes(value: float) -> str:
     return f"{value:.1f} TiB"
 
 
-def chunk_size(num_sources: int, per_source: int, budget: int, *, what: str) -> int:
-    """Sources per chunk within ``budget``; ``ValueError`` when one source does not fit."""
-    if per_source > budget:
-        raise ValueError(
-            f"memory_budget: one source of {what} needs about {human_bytes(per_source)}, more "
-            f"than the budget of {human_bytes(budget)}; pass a larger memory_budget=, score "
-            "fewer hops, or run on a device with more memory")
-    return max(1, min(num_sources, budget // max(per_source, 1)))
-
-
 def compiled_bytes(compiled: Any) -> int | None:
     """Bytes a compiled program allocates beyond its arguments, from XLA's buffer assignment
     (temporaries plus outputs, less outputs aliased to inputs); None where the backend does
@@ -175,8 +166,16 @@ def compiled_bytes(compiled: Any) -> int | None:
                - stats.alias_size_in_bytes)
 
 
+def balanced_chunk(num: int, largest: int) -> int:
+    """The chunk size of ``ceil(num / largest)`` equal chunks: ``largest`` (what fits) may
+    vary with the free memory, the chunk stays put (no recompilation)."""
+    return -(-num // -(-num // max(1, largest)))
+
+
 def fit_chunk(compile_at: Callable[[int], Any], first: int, num: int, budget: int, *,
-              what: str, balance: Callable[[int, int], int]) -> tuple[int, Any, int | None]:
+              what: str, unit: str = "source",
+              balance: Callable[[int, int], int] = balanced_chunk
+              ) -> tuple[int, Any, int | None]:
     """The chunk of sources whose compiled program fits ``budget``, by XLA's count.
 
     Compiles at ``first`` sources per chunk (the estimate's choice). If XLA's buffer
@@ -189,14 +188,14 @@ def fit_chunk(compile_at: Callable[[int], Any], first: int, num: int, budget: in
       compile_at: ``k -> compiled program`` with ``k`` sources per chunk.
       first: the first chunk to try; num: the number of sources.
       budget: bytes.
-      what: names the computation in the error.
+      what: names the computation in the error; unit: what one item of a chunk is.
       balance: ``(num, largest) -> chunk`` (equal chunks of at most ``largest``).
 
     Returns:
       ``(chunk, compiled, bytes)`` (``bytes`` None where XLA does not report it).
 
     Raises:
-      ValueError: when one source per chunk exceeds the budget; it says how much it needs.
+      ValueError: when a chunk of one exceeds the budget; it says how much it needs.
     """
     compiled = compile_at(first)
     need = compiled_bytes(compiled)
@@ -209,9 +208,9 @@ def fit_chunk(compile_at: Callable[[int], Any], first: int, num: int, budget: in
         one, need_one = compiled, need
     if need_one is not None and need_one > budget:
         raise ValueError(
-            f"memory_budget: one source per chunk of {what} needs {human_bytes(need_one)} "
-            f"(XLA's buffer assignment of the compiled program), more than the budget of "
-            f"{human_bytes(budget)}; pass a larger memory_budget=, score fewer hops, or run on "
+            f"memory_budget: a chunk of one {unit} needs {human_bytes(need_one)} (XLA's buffer "
+            f"assignment of the compiled {what} program), more than the budget of "
+            f"{human_bytes(budget)}; pass a larger memory_budget=, a smaller problem, or run on "
             "a device with more memory")
     if first == 1 or need_one is None:
         return 1, one, need_one
@@ -225,16 +224,86 @@ def fit_chunk(compile_at: Callable[[int], Any], first: int, num: int, budget: in
     return 1, one, need_one
 
 
+#: Compiled chunk programs already checked against a budget, ``(signature, chunk) ->`` an
+#: object with ``.compiled`` and ``memory_analysis()`` (least recently used first), so that
+#: a repeated query compiles nothing; the last entry is the program the latest budgeted call
+#: ran.
+FITTED: collections.OrderedDict = collections.OrderedDict()
+
+#: How many compiled chunk programs :func:`run_chunked` keeps.
+FITTED_CACHE = 16
+
+
+class _Fitted:
+    """A compiled chunk program and its memory analysis, read once (reading it costs about
+    as much as a small query)."""
+
+    def __init__(self, compiled):
+        self.compiled = compiled
+        try:
+            self.stats = compiled.memory_analysis()
+        except Exception:  # backends without the analysis
+            self.stats = None
+
+    def memory_analysis(self):
+        return self.stats
+
+
+def _signature(fn, args: tuple, static: dict) -> tuple:
+    leaves, treedef = jax.tree.flatten(args[1:])
+    return (fn, args[0], tuple(sorted(static.items())), treedef,
+            tuple((jax.typeof(x), getattr(x, "sharding", None)) for x in leaves))
+
+
+def run_chunked(fn: Callable, args: tuple, static: dict, *, chunk: int, num: int,
+                budget: int | None, what: str, unit: str = "source") -> Any:
+    """Runs a chunked program ``fn(*args, batch_size=k, **static)`` within a memory budget.
+
+    Without a budget (the caller gave ``batch_size``), ``k = chunk``. Otherwise ``chunk`` is
+    the first guess, checked by XLA's buffer assignment of the compiled program
+    (:func:`fit_chunk`); the compiled program that fits runs, and is kept for repeated calls
+    with the same shapes (:data:`FITTED`, at most :data:`FITTED_CACHE`).
+
+    Args:
+      fn: a jitted function with a static first argument (``loss_fn``) and a static
+        ``batch_size`` keyword.
+      args: its positional arguments, the static one first; static: its other static
+        keywords.
+      chunk: the chunk (or first guess); num: the number of items chunked.
+      budget: bytes, or None.
+      what, unit: name the program and its items in errors.
+    """
+    if budget is None:
+        return fn(*args, batch_size=chunk, **static)
+    key = _signature(fn, args, static)
+
+    def compile_at(k: int):
+        fitted = FITTED.get((key, k))
+        if fitted is None:
+            fitted = _Fitted(fn.lower(*args, batch_size=k, **static).compile())
+            FITTED[key, k] = fitted
+            while len(FITTED) > FITTED_CACHE:
+                FITTED.popitem(last=False)
+        FITTED.move_to_end((key, k))
+        return fitted
+
+    _, fitted, _ = fit_chunk(compile_at, chunk, num, budget, what=what, unit=unit)
+    return fitted.compiled(*args[1:])
+
+
 __all__ = [
     "DEFAULT_FRACTION",
+    "FITTED",
+    "FITTED_CACHE",
     "NodeBytes",
     "available_memory",
+    "balanced_chunk",
     "check_budget",
-    "chunk_size",
     "compiled_bytes",
     "default_budget",
     "fit_chunk",
     "human_bytes",
     "node_bytes",
+    "run_chunked",
     "source_bytes",
 ]

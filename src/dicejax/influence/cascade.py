@@ -29,7 +29,6 @@ The adjoint estimate of the network-level reading (:func:`dice_e_network`) is on
 
 from __future__ import annotations
 
-import collections
 import functools
 import warnings
 from typing import Any, Literal, NamedTuple
@@ -40,6 +39,7 @@ import numpy as np
 
 from dicejax.influence import budget as budget_lib
 from dicejax.influence import reach as reach_lib
+from dicejax.influence.budget import balanced_chunk
 from dicejax.influence.rerun import (
     check_query,
     float_dtype,
@@ -238,12 +238,6 @@ def map_sources(fn, xs, batch_size: int | None, unroll: bool = True):
     padded = jax.tree.map(lambda x: jnp.concatenate([x, jnp.repeat(x[-1:], pad, axis=0)]), xs)
     out = jax.lax.map(fn, padded, batch_size=batch_size)
     return jax.tree.map(lambda y: y[:m], out)
-
-
-def balanced_chunk(num: int, largest: int) -> int:
-    """The chunk size of ``ceil(num / largest)`` equal chunks: ``largest`` (what fits) may
-    vary with the free memory, the chunk stays put (no recompilation)."""
-    return -(-num // -(-num // max(1, largest)))
 
 
 def half_vars(traj: Trajectory, t) -> tuple[PyTree, PyTree]:
@@ -473,8 +467,8 @@ class Plan(NamedTuple):
       mode: ``"dense"`` or ``"reach"``.
       sources: ``[m]`` int32 source nodes.
       batch_size: sources per chunk.
-      batch_size: sources per chunk (with a budget, the first guess :func:`run_chunked`
-        checks).
+      batch_size: sources per chunk (with a budget, the first guess
+        :func:`dicejax.influence.budget.run_chunked` checks).
       bytes_per_source: the estimate (:func:`dicejax.influence.budget.source_bytes`).
       tables: the :class:`~dicejax.influence.reach.ReachTables` (``"reach"``), else None.
       neighbours: the run's :class:`~dicejax.influence.reach.NeighbourList` (``"reach"``).
@@ -533,22 +527,13 @@ def plan_cascade(loss_fn: LossFn, traj: Trajectory, probe: PyTree, step: int, ho
     nb = _node_bytes(sim.loss_fn, sim.has_aux, sim.stateful, sim.rng, _shapes(one),
                      _shapes(jax.tree.map(lambda x: x[0, 0], traj.batches)), _shapes(probe))
     per = budget_lib.source_bytes(nb, sizes, kind=kind, order=order, degree=degree)
-    if batch_size is None:  # a first guess: run_chunked checks it against XLA's count
+    if batch_size is None:  # a first guess: budget.run_chunked checks it against XLA's count
         largest = max(1, min(len(src), budget // max(per, 1)))
         if jax.default_backend() == "cpu":
             largest = min(largest, max(1, CPU_CHUNK_BYTES // max(per, 1)))
         batch_size = balanced_chunk(len(src), largest)
     return Plan(chosen, src, int(batch_size), per, tables, nbrs, _has_conv_on_cpu(sim, traj),
                 budget)
-
-
-#: Compiled chunk programs already checked against a budget, ``(signature, chunk) ->
-#: compiled`` (least recently used first), so that a repeated query compiles nothing; the
-#: last entry is the program the latest budgeted call ran.
-FITTED: collections.OrderedDict = collections.OrderedDict()
-
-#: How many compiled chunk programs :func:`run_chunked` keeps.
-FITTED_CACHE = 16
 
 
 def chunk_program(loss_fn: LossFn, traj: Trajectory, probe: PyTree, step: int, hops: int,
@@ -574,44 +559,6 @@ def chunk_program(loss_fn: LossFn, traj: Trajectory, probe: PyTree, step: int, h
         return compute_gt_cascade, args, dict(hops=hops, unroll=plan.unroll)
     return compute_e_cascade, args, dict(hops=hops, order=order, direct=direct,
                                          unroll=plan.unroll)
-
-
-def _signature(fn, args: tuple, static: dict) -> tuple:
-    leaves, treedef = jax.tree.flatten(args[1:])
-    return (fn, args[0], tuple(sorted(static.items())), treedef,
-            tuple((jax.typeof(x), getattr(x, "sharding", None)) for x in leaves))
-
-
-def run_chunked(fn, args: tuple, static: dict, plan: Plan, *, what: str):
-    """Runs a chunked per-source program ``fn(*args, batch_size=k, **static)``.
-
-    With ``batch_size`` given, ``k`` is it. Otherwise ``k`` starts at the plan's estimate and
-    is checked against the plan's budget by XLA's buffer assignment of the compiled program
-    (:func:`dicejax.influence.budget.fit_chunk`): the compiled program that fits runs (and is
-    kept for repeated queries of the same shapes, :data:`FITTED_CACHE`).
-
-    Args:
-      fn: a jitted ``compute_*`` function (static ``loss_fn`` first, then its arrays).
-      args: its positional arguments, ``loss_fn`` first; static: its other static keywords.
-      plan: the :class:`Plan`; what: names the computation in errors.
-    """
-    if plan.budget is None:
-        return fn(*args, batch_size=plan.batch_size, **static)
-    key = _signature(fn, args, static)
-
-    def compile_at(k: int):
-        compiled = FITTED.get((key, k))
-        if compiled is None:
-            compiled = fn.lower(*args, batch_size=k, **static).compile()
-            FITTED[key, k] = compiled
-            while len(FITTED) > FITTED_CACHE:
-                FITTED.popitem(last=False)
-        FITTED.move_to_end((key, k))
-        return compiled
-
-    _, compiled, _ = budget_lib.fit_chunk(compile_at, plan.batch_size, len(plan.sources),
-                                          plan.budget, what=what, balance=balanced_chunk)
-    return compiled(*args[1:])
 
 
 def _shapes(tree: PyTree) -> tuple:
@@ -691,8 +638,9 @@ def gt_cascade(
                     reruns=True).astype(float_dtype(traj))
     plan = plan_cascade(loss_fn, traj, probe, step, hops, kind="gt", sources=sources, mode=mode,
                         batch_size=batch_size, memory_budget=memory_budget)
-    return run_chunked(*chunk_program(loss_fn, traj, probe, step, hops, q, plan, kind="gt"),
-                       plan, what="DICE-GT")
+    return budget_lib.run_chunked(
+        *chunk_program(loss_fn, traj, probe, step, hops, q, plan, kind="gt"),
+        chunk=plan.batch_size, num=len(plan.sources), budget=plan.budget, what="DICE-GT")
 
 
 def e_cascade(
@@ -735,8 +683,10 @@ def e_cascade(
     plan = plan_cascade(loss_fn, traj, probe, step, hops, kind="e", order=order,
                         sources=sources, mode=mode, batch_size=batch_size,
                         memory_budget=memory_budget)
-    return run_chunked(*chunk_program(loss_fn, traj, probe, step, hops, q, plan, kind="e",
-                                      order=order, direct=direct), plan, what="DICE-E")
+    return budget_lib.run_chunked(
+        *chunk_program(loss_fn, traj, probe, step, hops, q, plan, kind="e", order=order,
+                       direct=direct),
+        chunk=plan.batch_size, num=len(plan.sources), budget=plan.budget, what="DICE-E")
 
 
 def dice_gt(
