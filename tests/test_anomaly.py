@@ -22,7 +22,7 @@ from dicejax import cli
 from dicejax import topology as tp
 from dicejax.apps import anomaly
 from dicejax.commands import detect as detect_cmd
-from dicejax.experiments.anomaly import detection
+from dicejax.experiments.anomaly import detection, strength_curve
 from dicejax.experiments.common import RunConfig
 from dicejax.influence import proximal
 from dicejax.simulate import simulate
@@ -283,6 +283,34 @@ def test_gaussian_noise_attacker_is_caught():
     (r,) = result["per_seed"]
     assert r["attackers"] == [5] and r["roc_auc"] >= 0.95 and r["top1"] == 1.0
     assert r["recall"] >= 0.75
+
+
+@pytest.mark.slow
+def test_strength_curve_equals_one_detection_per_std_and_the_cli_writes_it(tmp_path):
+    config = RunConfig(nodes=8, steps=12, batch=8, probe_size=32, test_size=64, eval_every=0)
+    curve = strength_curve(config, [0.5, 8.0], attackers=[3], window=6, seeds=[1])
+    assert curve["stds"] == [0.5, 8.0] and len(curve["points"]) == 2
+    for std, point in zip(curve["stds"], curve["points"], strict=True):
+        alone = detection(config, "gaussian_noise", attackers=[3], window=6, seeds=[1],
+                          std=std)
+        assert point["std"] == std
+        for key in ("roc_auc", "precision", "recall", "combined_recall", "honest_accuracy"):
+            assert point[key] == alone[key], key
+        np.testing.assert_array_equal(np.asarray(point["per_seed"][0]["scores"], float),
+                                      np.asarray(alone["per_seed"][0]["scores"], float))
+    argv = ["detect", "--dataset", "digits", "--nodes", "8", "--batch", "8", "--steps", "12",
+            "--probe-size", "32", "--test-size", "64", "--eval-every", "0", "--window", "6",
+            "--seeds", "1", "--seed", "1", "--attackers", "3", "--attack", "gaussian_noise",
+            "--strengths", "0.5,8", "--out", str(tmp_path)]
+    assert run_detect(argv) == 0
+    saved = strict_load(tmp_path / "detect_strength.json")
+    assert saved["stds"] == [0.5, 8.0]
+    assert [p["roc_auc"] for p in saved["points"]] == [p["roc_auc"] for p in curve["points"]]
+    assert (tmp_path / "detect_strength.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    with pytest.raises(ValueError, match="stds"):
+        strength_curve(config, [], window=6)
+    with pytest.raises(ValueError, match="stds"):
+        strength_curve(config, [1.0, -2.0], window=6)
 
 
 def test_detect_argument_parsing():

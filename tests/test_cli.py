@@ -148,6 +148,9 @@ def test_align_checkpoint_dir_resumes_scored_steps(tmp_path, capsys):
         (["detect", "--nodes", "8", "--attackers", "9"], "--attackers"),
         (["detect", "--nodes", "8", "--attackers", "random:8"], "--attackers"),
         (["detect", "--attack", "backdoor"], "--attack"),
+        (["detect", "--strengths", "1,3"], "--strengths"),  # needs gaussian_noise
+        (["detect", "--attack", "gaussian_noise", "--strengths", "1,-3"], "--strengths"),
+        (["detect", "--attack", "gaussian_noise", "--strengths", "1,,3"], "--strengths"),
         (["rewire", "--nodes", "8", "--keep", "8"], "--keep"),
         (["rewire", "--steps", "20", "--period", "20"], "--period"),
         (["rewire", "--arms", "fixed,magic"], "--arms"),

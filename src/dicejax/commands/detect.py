@@ -44,6 +44,11 @@ def register(subparsers, run_args: Callable[..., object],
     g.add_argument("--std", type=options.positive_float, default=10.0, metavar="S",
                    help="noise standard deviation of --attack gaussian_noise (normalised "
                         "input units; the paper's variance 100 is 10)")
+    g.add_argument("--strengths", type=options.positive_floats, default=None,
+                   metavar="S,S,...",
+                   help="a strength curve of --attack gaussian_noise: one detection per noise "
+                        "standard deviation (same seeds and attackers); writes "
+                        "detect_strength.json and detect_strength.png instead")
     g.add_argument("--chunk-steps", type=options.positive_int, default=25, metavar="S",
                    help="recorded steps held in memory at once while scoring")
     g.add_argument("--statistic", default="sum", choices=("sum", "t"),
@@ -56,6 +61,9 @@ def check(a: argparse.Namespace) -> None:
     """``--window <= --steps``; attackers within the nodes."""
     if a.window > a.steps:
         raise options.UsageError(f"--window: {a.window} exceeds --steps {a.steps}")
+    if getattr(a, "strengths", None) is not None and a.attack != "gaussian_noise":
+        raise options.UsageError(f"--strengths: a strength curve needs --attack "
+                                 f"gaussian_noise, got --attack {a.attack}")
     check_attackers(a)
 
 
@@ -82,6 +90,8 @@ def run(a: argparse.Namespace, make_config: Callable[[argparse.Namespace], objec
     from dicejax.experiments.anomaly import detection
 
     seeds = list(range(config.seed, config.seed + a.seeds))
+    if a.strengths is not None:
+        return run_curve(a, out, config, seeds)
     with Tracker(report.console, resumable=a.checkpoint_dir is not None) as t:
         seed_bar = t.bar("seeds", len(seeds), "seeds", noun="seed", ordinal=True)
         step_bar = t.bar("this seed", config.steps, "steps")
@@ -109,6 +119,103 @@ def run(a: argparse.Namespace, make_config: Callable[[argparse.Namespace], objec
         f"{report.mean_std(result['recall'], n)} at z > {result['threshold']:g} "
         f"({report.seeds_text(seeds)}); {result['wall_seconds']:.1f} s")
     return save_results(out, "detect", result, {"detect_roc.png": roc_figure}, metadata(a))
+
+
+def run_curve(a: argparse.Namespace, out: Path, config, seeds: list[int]) -> int:
+    """``--strengths``: one detection per noise standard deviation."""
+    from dicejax import report
+    from dicejax.commands.progress import Tracker
+    from dicejax.experiments.anomaly import strength_curve
+
+    with Tracker(report.console, resumable=a.checkpoint_dir is not None) as t:
+        std_bar = t.bar("strengths", len(a.strengths), "strengths", noun="strength",
+                        ordinal=True)
+        step_bar = t.bar("this seed", config.steps, "steps")
+        current = [(0, 0)]
+
+        def on_point(i, r):
+            t.update(std_bar, i + 1, info=f"std {a.strengths[i]:g}: ROC-AUC "
+                                          f"{r['roc_auc']['mean']:.4f}")
+
+        def on_steps(i, seed, done):
+            if (i, seed) != current[0]:
+                current[0] = (i, seed)
+                t.reset(step_bar)
+            t.update(step_bar, done, info=f"std {a.strengths[i]:g}, seed {seeds[seed]}")
+
+        result = strength_curve(config, a.strengths, a.attackers, a.window, seeds,
+                                a.threshold, statistic=a.statistic, chunk_steps=a.chunk_steps,
+                                callback=on_point, progress=on_steps,
+                                checkpoint_dir=a.checkpoint_dir)
+    report.console.print(strength_table(result))
+    return save_results(out, "detect_strength", result,
+                        {"detect_strength.png": strength_figure}, metadata(a))
+
+
+#: The columns of the strength curve: (result key, header).
+CURVE_KEYS = (("roc_auc", "AUC"), ("precision", "prec"), ("recall", "recall"),
+              ("combined_precision", "comb. prec"), ("combined_recall", "comb. recall"),
+              ("honest_accuracy", "honest acc"))
+
+
+def strength_table(result: dict) -> object:
+    """One row per noise standard deviation: mean ± std over seeds of each measure."""
+    from dicejax import report
+
+    seeds = result["seeds"]
+    t = report.table(
+        f"Detection against noise strength: gaussian_noise, last {result['window']} steps "
+        f"scored, flag z > {result['threshold']:g}, statistic {result['statistic']}, "
+        f"{report.seeds_text(seeds)} — {report.config_line(result.get('config'), seeds=seeds)}",
+        caption="Each row: dicejax detect --attack gaussian_noise --std S with these seeds "
+                "(mean ± std over seeds). AUC: edge-level ROC-AUC; prec(ision), recall: of "
+                "the influence rule (z > threshold); comb.: the combined detector (update "
+                "norms too); honest acc: honest nodes' mean test accuracy after the run.")
+    t.add_column("std", justify="right")
+    for _, name in CURVE_KEYS:
+        t.add_column(name, justify="right")
+    t.add_column("time (s)", justify="right")
+    for std, point in zip(result["stds"], result["points"], strict=True):
+        t.add_row(f"{std:g}", *[report.mean_std(point[k], len(seeds)) for k, _ in CURVE_KEYS],
+                  f"{point['wall_seconds']:.0f}")
+    return t
+
+
+def strength_figure(result: dict, path: Path) -> Path:
+    """ROC-AUC, recall (influence rule and combined) and honest accuracy against the noise
+    standard deviation (mean ± std over seeds)."""
+    import numpy as np
+
+    from dicejax import report
+
+    seeds = result["seeds"]
+    title = (f"dicejax detect --strengths — gaussian_noise, last {result['window']} steps "
+             f"scored, z > {result['threshold']:g}, {report.seeds_text(seeds)}\n"
+             f"{report.config_line(result.get('config'), seeds=seeds)}")
+    fig, axes = report.figure(1, 2, 11.5, 4.6, title)
+    qx, ax = axes[0]
+    x = np.asarray(result["stds"], float)
+
+    def curve(axis, key, label, **kw):
+        m = np.array([p[key]["mean"] for p in result["points"]], float)
+        sd = np.array([p[key]["std"] for p in result["points"]], float)
+        axis.errorbar(x, m, yerr=sd, marker="o", capsize=3, label=label, **kw)
+
+    curve(qx, "roc_auc", "ROC-AUC (influence z-scores)")
+    curve(qx, "recall", f"recall, influence rule (z > {result['threshold']:g})")
+    curve(qx, "combined_recall", "recall, combined detector (+ update norms)", ls="--")
+    curve(qx, "precision", "precision, influence rule", ls=":")
+    qx.set(xscale="log", xlabel="noise standard deviation (normalised input units, log)",
+           ylabel="edge-level score", ylim=(-0.03, 1.05), title="detection quality")
+    qx.legend(fontsize=7, loc="lower right")
+    curve(ax, "honest_accuracy", "honest nodes' mean test accuracy")
+    ax.set(xscale="log", xlabel="noise standard deviation (normalised input units, log)",
+           ylabel="test accuracy", title="what the attacker costs the honest nodes")
+    ax.legend(fontsize=7, loc="lower left")
+    for axis in (qx, ax):  # the measured strengths as the ticks, no log-scale minor labels
+        axis.set_xticks(x, [f"{v:g}" for v in x])
+        axis.minorticks_off()
+    return report.save_figure(fig, path)
 
 
 def detection_table(result: dict) -> object:

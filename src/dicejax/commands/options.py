@@ -85,6 +85,15 @@ def positive_float(text: str) -> float:
     return value
 
 
+def positive_floats(text: str) -> list[float]:
+    """A comma-separated list of finite numbers > 0 (e.g. ``1,3,10``)."""
+    parts = [x.strip() for x in text.split(",")]
+    if not text.strip() or any(not x for x in parts):
+        raise argparse.ArgumentTypeError(f"must be a comma-separated list of positive "
+                                         f"numbers, got {text!r}")
+    return [positive_float(x) for x in parts]
+
+
 def non_negative_float(text: str) -> float:
     """A finite number >= 0."""
     value = _float(text)

@@ -371,5 +371,66 @@ def _one_seed(config: RunConfig, attack: str, attackers, window: int, threshold:
     }
 
 
+def strength_curve(
+    config: RunConfig,
+    stds: Sequence[float],
+    attackers: int | Sequence[int] | None = None,
+    window: int = 100,
+    seeds: Sequence[int] = (0, 1, 2),
+    threshold: float = 3.5,
+    *,
+    statistic: str = "sum",
+    chunk_steps: int = 25,
+    dtype: Any = None,
+    callback: Callable[[int, dict], None] | None = None,
+    progress: Callable[[int, int, int], None] | None = None,
+    checkpoint_dir: str | os.PathLike | None = None,
+) -> dict:
+    """Detection quality against the strength of Gaussian input noise.
+
+    One :func:`detection` of ``gaussian_noise`` per standard deviation, with the same seeds
+    (hence the same attackers, partitions and initialisations): where the noise becomes too
+    weak to be flagged, and how much it costs the honest nodes there.
+
+    Args:
+      config, attackers, window, seeds, threshold, statistic, chunk_steps, dtype: as in
+        :func:`detection`.
+      stds: ``[K]`` noise standard deviations (positive, finite), e.g. ``(1, 3, 10, 30)``.
+      callback: called after each strength with ``(index, its detection result)``.
+      progress: called with ``(strength index, seed index, steps done)``.
+      checkpoint_dir: keeps every finished seed of every strength (a subfolder per
+        strength); a second call with the same folder resumes.
+
+    Returns:
+      A JSON-ready dict: ``stds``, ``seeds``, the settings, and ``points``: the
+      :func:`detection` result of each strength (``roc_auc``, ``precision``, ``recall``,
+      ``combined_precision``, ``combined_recall``, ``honest_accuracy`` summarised over
+      seeds, and the per-seed results), plus the total wall time.
+    """
+    try:
+        values = [float(x) for x in stds]
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"stds: must be a sequence of positive numbers, got {stds!r}") from e
+    if not values or not all(np.isfinite(v) and v > 0 for v in values):
+        raise ValueError(f"stds: must be a non-empty sequence of positive finite numbers, "
+                         f"got {stds!r}")
+    start = time.perf_counter()
+    points = []
+    for i, std in enumerate(values):
+        sub = None if checkpoint_dir is None else os.path.join(checkpoint_dir, f"std_{std:g}")
+        point = detection(
+            config, "gaussian_noise", attackers, window, seeds, threshold, std=std,
+            chunk_steps=chunk_steps, dtype=dtype, checkpoint_dir=sub, statistic=statistic,
+            progress=None if progress is None else (
+                lambda seed, done, i=i: progress(i, seed, done)))
+        points.append(point)
+        if callback is not None:
+            callback(i, point)
+    return {"config": config, "attack": "gaussian_noise", "stds": values,
+            "seeds": list(seeds), "window": window, "threshold": threshold,
+            "statistic": statistic, "points": points,
+            "wall_seconds": time.perf_counter() - start}
+
+
 __all__ = ["ATTACKS", "DATA_ATTACKS", "UPDATE_ATTACKS", "AttackedSource", "apply_attack",
-           "attacked_stream", "corruption_for", "detection"]
+           "attacked_stream", "corruption_for", "detection", "strength_curve"]
