@@ -152,14 +152,19 @@ def human_bytes(value: float) -> str:
     return f"{value:.1f} TiB"
 
 
+def memory_stats(compiled: Any) -> Any:
+    """``compiled.memory_analysis()``, or None where the backend does not report it."""
+    try:
+        return compiled.memory_analysis()
+    except Exception:  # backends without the analysis
+        return None
+
+
 def compiled_bytes(compiled: Any) -> int | None:
     """Bytes a compiled program allocates beyond its arguments, from XLA's buffer assignment
     (temporaries plus outputs, less outputs aliased to inputs); None where the backend does
     not report it."""
-    try:
-        stats = compiled.memory_analysis()
-    except Exception:  # backends without the analysis
-        return None
+    stats = memory_stats(compiled)
     if stats is None:
         return None
     return int(stats.temp_size_in_bytes + stats.output_size_in_bytes
@@ -240,10 +245,7 @@ class _Fitted:
 
     def __init__(self, compiled):
         self.compiled = compiled
-        try:
-            self.stats = compiled.memory_analysis()
-        except Exception:  # backends without the analysis
-            self.stats = None
+        self.stats = memory_stats(compiled)
 
     def memory_analysis(self):
         return self.stats
@@ -303,6 +305,7 @@ __all__ = [
     "default_budget",
     "fit_chunk",
     "human_bytes",
+    "memory_stats",
     "node_bytes",
     "run_chunked",
     "source_bytes",

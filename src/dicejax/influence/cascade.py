@@ -466,7 +466,6 @@ class Plan(NamedTuple):
     Attributes:
       mode: ``"dense"`` or ``"reach"``.
       sources: ``[m]`` int32 source nodes.
-      batch_size: sources per chunk.
       batch_size: sources per chunk (with a budget, the first guess
         :func:`dicejax.influence.budget.run_chunked` checks).
       bytes_per_source: the estimate (:func:`dicejax.influence.budget.source_bytes`).
