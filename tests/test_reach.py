@@ -148,3 +148,63 @@ def test_reach_tables_equal_breadth_first_search(rng):
                     where = np.flatnonzero(prev == nb) if nb < n else []
                     want = where[0] if len(where) else prev.size
                     assert tables.src_pos[s - 1][i, p, d] == want
+
+
+def _e_with_last_hop(loss, traj, probe, t, hops, q, adjoint):
+    """e_cascade's reach form with the last hop forced forward or from edge pull-backs."""
+    plan = di.plan_cascade(loss, traj, probe, t, hops, kind="e", mode="reach")
+    plan = plan._replace(adjoint=adjoint)
+    fn, args, static = di.cascade.chunk_program(loss, traj, probe, t, hops, jnp.asarray(q),
+                                                plan, kind="e")
+    return fn(*args, batch_size=plan.batch_size, **static)
+
+
+@pytest.mark.parametrize(("graph", "opt"), [("ring", "sgd"), ("directed", "adam"),
+                                            ("time_varying", "momentum")])
+def test_adjoint_last_hop_equals_forward_and_dense(graph, opt, rng):
+    """The last hop from the edges' vector-Jacobian products (shared by every source)
+    against each source's tangent through the last update and against the dense cascade:
+    SGD, momentum and Adam (optimizer-state tangents), run gates 0 and -1 in the window,
+    static, directed and time-varying graphs."""
+    n, T = 9, 5
+    loss, params, batches, probe = make_problem(n=n, steps=T, model="tanh")
+    scale = np.ones((T, n))
+    scale[2, 3] = 0.0
+    scale[3, 5] = -1.0
+    traj = dj.simulate(loss, params, batches, GRAPHS[graph](n, T, rng), OPTIMIZERS[opt],
+                       update_scale=scale)
+    q = np.random.default_rng(1).uniform(0.5, 1.5, n)
+    q = q / q.sum()
+    for hops in (2, 3):
+        fast = _e_with_last_hop(loss, traj, probe, 1, hops, q, True)
+        slow = _e_with_last_hop(loss, traj, probe, 1, hops, q, False)
+        dense = di.e_cascade(loss, traj, probe, 1, hops, q, mode="dense")
+        _assert_same_cascade(fast, dense, n)
+        _assert_same_cascade(slow, dense, n)
+        for a, b in zip(fast.values, slow.values, strict=True):  # padded positions are 0
+            _close(a, b)
+
+
+def test_adjoint_last_hop_equals_explicit_walks(rng):
+    """The adjoint last hop at r = 3 against explicit Hessians along every walk."""
+    n, T = 8, 5
+    loss, params, batches, probe = make_problem(n=n, steps=T, model="tanh")
+    traj = dj.simulate(loss, params, batches, _sparse_directed(n, rng), optax.sgd(0.2))
+    q = np.full(n, 1.0 / n)
+    got = _e_with_last_hop(loss, traj, probe, 1, 3, q, True)
+    want = ref.e_brute_sgd_walks(loss, traj, probe, 1, 3, q, lr=0.2)
+    np.testing.assert_allclose(got.total, want, rtol=1e-9, atol=1e-14)
+
+
+def test_default_plan_takes_the_adjoint_last_hop_only_where_it_is_cheaper():
+    n, T = 12, 5
+    loss, params, batches, probe = make_problem(n=n, steps=T, model="tanh")
+    traj = dj.simulate(loss, params, batches, dj.topology.ring(n), optax.sgd(0.2))
+    plan = lambda **kw: di.plan_cascade(loss, traj, probe, 1, kw.pop("hops", 3),  # noqa: E731
+                                        kind="e", **kw)
+    assert plan().adjoint  # 12 sources x 5 nodes at hop 2 > 12 x 3 edges
+    assert not plan(hops=1).adjoint  # no update before the last hop
+    assert not plan(order=2).adjoint  # the curvature term needs the last tangent
+    assert not plan(sources=[0, 1]).adjoint  # 2 x 5 < 36: the pull-backs cost more
+    assert not plan(mode="dense").adjoint
+    assert not plan(memory_budget=1e3).adjoint  # the cotangents would take the budget

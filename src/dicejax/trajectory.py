@@ -252,6 +252,23 @@ class Trajectory:
                                                         st.model_state))
         return st._replace(params=params, opt_state=opt, model_state=ms)
 
+    def node_struct(self) -> NodeState:
+        """One node's recorded :class:`NodeState` as ``jax.ShapeDtypeStruct`` leaves (the
+        shapes of :meth:`node_state`; nothing is sliced or run, so validation and planning
+        cost no device work)."""
+        st = self.states
+
+        def strip(lead):
+            return lambda x: jax.ShapeDtypeStruct(x.shape[lead:], x.dtype)
+
+        params, opt, ms = jax.tree.map(strip(2), (st.params, st.opt_state, st.model_state))
+        step, key = jax.tree.map(strip(1), (st.step, st.key))
+        return NodeState(params, opt, step, ms, key)
+
+    def batch_struct(self) -> PyTree:
+        """One node's training batch of one step, ``[B, ...]``, as shape structs."""
+        return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape[2:], x.dtype), self.batches)
+
     def matrix_at(self, t) -> jax.Array:
         """``W`` ``[n, n]`` of the local step ``t`` (may be traced)."""
         return self.mixer.matrix_at(self.start_step + t)

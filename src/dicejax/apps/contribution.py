@@ -344,8 +344,7 @@ def _runs_per_chunk(traj: Trajectory, probe: PyTree, loss_fn: LossFn, num_runs: 
         return min(batch_size, max(num_runs, 1))
     n = traj.num_nodes
     sim = traj.simulator.replace(loss_fn=loss_fn)
-    one_batch = jax.tree.map(lambda x: x[0, 0], traj.batches)
-    nb = node_bytes(sim, traj.node_state(0, 0), one_batch, probe)
+    nb = node_bytes(sim, traj.node_struct(), traj.batch_struct(), probe)
     per_run = source_bytes(nb, (n, n), kind="gt")
     if cut:
         m = traj.mixer.matrices

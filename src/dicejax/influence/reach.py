@@ -269,18 +269,116 @@ def restricted_states(sim: Simulator, traj: Trajectory, t, nodes, src_pos, prev_
     return out
 
 
-def weights_at(traj: Trajectory, nbrs: NeighbourList, t, hops: int) -> jax.Array:
-    """``[r, n, D]`` neighbour weights of the local steps ``t .. t+r-1`` (``t`` may be
-    traced)."""
-    w = jnp.asarray(nbrs.weights)
-    idx = (traj.start_step + t + jnp.arange(hops)) % w.shape[0]
-    return w[idx]
+#: :func:`edge_cotangents` pulls back this many edges at a time (one vmap below it).
+EDGE_CHUNK = 4096
+
+
+def edge_cotangents(sim: Simulator, traj: Trajectory, u, nbr_idx: jax.Array, w: jax.Array,
+                    g: PyTree) -> tuple[PyTree, PyTree]:
+    """Every edge's pull-back of its receiver's probe gradient through one local update.
+
+    The last hop of a first-order cascade reads the perturbation ``δ^u`` of a source only
+    through ``g_k^{u+1} · δ_k^{u+1} = Σ_d w[k, d] ⟨J_iᵀ g_k^{u+1}, δ_i^u⟩``, ``i = nbr_idx[k, d]``,
+    where ``J_i`` is the Jacobian of node ``i``'s gated local update at the recorded step
+    ``u`` (``(θ_i, s_i) ↦ θ_i^{u+½}``, optimizer state included). These ``n·D`` vector-Jacobian
+    products are shared by every source: a cascade that takes them needs no tangent through
+    the update of step ``u`` (``Σ_j |R_{r-1}(j)|`` Jacobian-vector products replaced by
+    ``n·D`` vector-Jacobian products; the last hop becomes inner products).
+
+    Args:
+      sim: the re-run simulator (not stateful: the probe reads the parameters only).
+      traj: the recorded trajectory.
+      u: local step (may be traced).
+      nbr_idx: ``[n, D]`` in-neighbour lists (padded with ``n``); w: ``[n, D]`` their weights
+        at step ``u`` (0 at padded slots).
+      g: ``[n, ...]`` parameter-shaped probe gradients ``g_k^{u+1}`` of every node.
+
+    Returns:
+      ``(params, opt_state)`` cotangents with leaves ``[n, D, ...]``: ``w[k, d] J_iᵀ g_k``
+      (exactly zero where ``w`` is 0, whatever node ``i`` holds).
+    """
+    state = traj.state_at(u)
+    n, width = nbr_idx.shape
+    edges = jnp.minimum(nbr_idx.reshape(-1), n - 1)  # [E]
+    live = w.reshape(-1) != 0
+    own = gates_at(traj, u, 1)
+    xs = (*_take((state.params, state.opt_state, tree_at(traj.batches, u)), edges),
+          sim.keys_for(state.key, state.step, edges),
+          None if own is None else jnp.take(own.update[0], edges),
+          jax.tree.map(lambda x: jnp.where(
+              live.reshape((-1,) + (1,) * (x.ndim - 1)),
+              jnp.repeat(x, width, axis=0) * w.reshape((-1,) + (1,) * (x.ndim - 1)).astype(
+                  x.dtype), 0), g))
+
+    def one(edge):
+        params, opt, batch, key, sigma, cot = edge
+
+        def half(p, o):
+            h = sim.local_update(p, o, None, batch, key)[0]
+            if sigma is None:
+                return h
+            lead = lambda t: jax.tree.map(lambda x: x[None], t)  # noqa: E731
+            return jax.tree.map(lambda x: x[0], apply_gate(lead(p), lead(h), sigma[None]))
+
+        return jax.vjp(half, params, opt)[1](cot)
+
+    if edges.shape[0] <= EDGE_CHUNK:
+        out = jax.vmap(one)(xs)
+    else:
+        out = jax.lax.map(one, xs, batch_size=EDGE_CHUNK)
+    live_mask = lambda x: jnp.where(  # noqa: E731
+        live.reshape((-1,) + (1,) * (x.ndim - 1)), x, 0) if x.dtype != jax.dtypes.float0 else x
+    out = jax.tree.map(live_mask, out)
+    return jax.tree.map(lambda x: x.reshape((n, width, *x.shape[1:])), out)
+
+
+def last_hop(cot: tuple[PyTree, PyTree], tangent: NodeState, nodes: jax.Array,
+             src_pos: jax.Array) -> jax.Array:
+    """``[M_r]`` ``g_k · δ_k`` of the last hop from :func:`edge_cotangents` and one source's
+    tangents at the hop before.
+
+    The inner products ``⟨w[k, d] J_iᵀ g_k, δ_i⟩`` come from one matrix product of the
+    source's tangents with the cotangents: of every edge when the reach covers much of the
+    graph (``n ≤ 4 M_r``: no gather of parameter-sized rows, which XLA:CPU runs slowly under
+    ``vmap``), else of the edges into the reached nodes only.
+
+    Args:
+      cot: :func:`edge_cotangents` ``[n, D, ...]``.
+      tangent: the source's perturbation of the states at hop ``r − 1``, leaves
+        ``[M_{r-1}, ...]`` on its reach ``R_{r-1}``.
+      nodes: ``[M_r]`` its reach at hop ``r``; src_pos: ``[M_r, D]`` where each in-neighbour
+        sits in ``R_{r-1}`` (``M_{r-1}``: not reached, no perturbation).
+    """
+    size = jax.tree.leaves(tangent.params)[0].shape[0]
+    n, width = jax.tree.leaves(cot)[0].shape[:2]
+    every = n <= 4 * nodes.shape[0]
+    rows = cot if every else _take(cot, nodes)  # [n or M_r, D, ...]
+    gram = 0.0  # [n or M_r, D, M_{r-1}]
+    for c, x in zip(jax.tree.leaves(rows), jax.tree.leaves((tangent.params, tangent.opt_state)),
+                    strict=True):
+        if x.dtype == jax.dtypes.float0 or not jnp.issubdtype(x.dtype, jnp.inexact):
+            continue
+        gram = gram + jnp.einsum("kdp,mp->kdm", c.reshape((*c.shape[:2], -1)),
+                                 x.reshape(size, -1))
+    which = jnp.minimum(nodes, n - 1) if every else jnp.arange(nodes.shape[0])
+    picked = gram[which[:, None], jnp.arange(width)[None], jnp.minimum(src_pos, size - 1)]
+    return jnp.sum(jnp.where(src_pos < size, picked, 0), axis=1)
+
+
+def weights_at(traj: Trajectory, nbrs: NeighbourList, t: int, hops: int) -> np.ndarray:
+    """``[r, n, D]`` neighbour weights of the local steps ``t .. t+r-1`` (host arrays: the
+    phases are known before the program runs)."""
+    w = np.asarray(nbrs.weights)
+    return w[(traj.start_step + t + np.arange(hops)) % w.shape[0]]
 
 
 __all__ = [
+    "EDGE_CHUNK",
     "HOST_CHUNK",
     "NeighbourList",
     "ReachTables",
+    "edge_cotangents",
+    "last_hop",
     "neighbour_list",
     "reach_is_cheaper",
     "reach_tables",

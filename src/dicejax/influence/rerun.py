@@ -26,7 +26,7 @@ models, the model state (both enter the probe loss ``L(θ, s; z')``).
 from __future__ import annotations
 
 import functools
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -219,6 +219,51 @@ def _probe_loss_fn(loss_fn, has_aux, stateful, rng):
     return lambda v, probe: shell.probe_loss(v[0], v[1], probe)
 
 
+class _Described(NamedTuple):
+    """A hashable stand-in for a pytree: its structure and leaf shapes and dtypes, or the
+    tree itself where a leaf has neither (then nothing is cached)."""
+
+    treedef: Any
+    leaves: tuple
+
+    def tree(self) -> PyTree:
+        return jax.tree.unflatten(self.treedef, [
+            jax.ShapeDtypeStruct(shape, dtype) for shape, dtype in self.leaves])
+
+
+def _describe(tree: PyTree) -> Any:
+    leaves, treedef = jax.tree.flatten(tree)
+    try:
+        return _Described(treedef, tuple((tuple(np.shape(x)), np.dtype(jnp.result_type(x)))
+                                         for x in leaves))
+    except TypeError:
+        return tree
+
+
+@functools.lru_cache(maxsize=64)
+def _probe_shape_cached(loss_fn, has_aux, stateful, rng, one, probe):
+    return _probe_shape_uncached(loss_fn, has_aux, stateful, rng, one.tree(), probe.tree())
+
+
+def _probe_shape_uncached(loss_fn, has_aux, stateful, rng, one, probe):
+    try:
+        return jax.eval_shape(_probe_loss_fn(loss_fn, has_aux, stateful, rng), one, probe)
+    except Exception as e:  # the message becomes the ValueError's
+        return str(e) or type(e).__name__
+
+
+def _probe_shape(loss_fn, has_aux, stateful, rng, one, probe):
+    """The probe loss' output shape struct, or the error message of evaluating it (shapes
+    only: cached per loss and shapes, so a repeated query does not trace the loss again)."""
+    if isinstance(one, _Described) and isinstance(probe, _Described):
+        try:
+            return _probe_shape_cached(loss_fn, has_aux, stateful, rng, one, probe)
+        except TypeError:  # an unhashable loss or tree description
+            pass
+    unwrap = lambda d: d.tree() if isinstance(d, _Described) else d  # noqa: E731
+    return _probe_shape_uncached(loss_fn, has_aux, stateful, rng, unwrap(one), unwrap(probe))
+
+
 def check_query(
     traj: Trajectory, probe: PyTree, step: int, hops: int, node_weights, loss_fn: LossFn, *,
     reruns: bool = False,
@@ -251,12 +296,10 @@ def check_query(
     if not traj.simulator.isolate and not bool(_finite_window(traj.params, step, hops + 1)):
         raise ValueError(f"traj: non-finite parameters between steps {step} and {step + hops}")
     sim = traj.simulator
-    one = jax.tree.map(lambda x: x[0, 0], probe_vars(traj.states))
-    try:
-        out = jax.eval_shape(_probe_loss_fn(loss_fn, sim.has_aux, sim.stateful, sim.rng), one,
-                             probe)
-    except Exception as e:
-        raise ValueError(f"probe: loss_fn(params, probe) failed for this probe: {e}") from e
+    out = _probe_shape(loss_fn, sim.has_aux, sim.stateful, sim.rng,
+                       *(_describe(x) for x in (probe_vars(traj.node_struct()), probe)))
+    if isinstance(out, str):
+        raise ValueError(f"probe: loss_fn(params, probe) failed for this probe: {out}")
     if getattr(out, "shape", None) != ():
         raise ValueError(
             f"probe: loss_fn(params, probe) must be a scalar, got shape "
@@ -265,7 +308,7 @@ def check_query(
     probe_leaves = jax.tree.leaves(probe)
     if any(jnp.size(x) == 0 for x in probe_leaves):
         raise ValueError("probe: is empty; give at least one example")
-    if not all(bool(jnp.all(jnp.isfinite(x))) for x in probe_leaves
+    if not all(np.isfinite(np.asarray(x)).all() for x in probe_leaves
                if jnp.issubdtype(jnp.result_type(x), jnp.inexact)):
         raise ValueError("probe: contains non-finite values (NaN or Inf)")
     if node_weights is None:
