@@ -57,4 +57,23 @@ def tree_bytes(tree: PyTree) -> int:
                    for x in jax.tree.leaves(tree)))
 
 
-__all__ = ["concat", "dataclass", "stack", "static_field", "tree_bytes"]
+def shape_key(tree: PyTree) -> tuple:
+    """A hashable description of a pytree's structure and leaf shapes and dtypes (a cache
+    key for work that depends on shapes only; :func:`shape_structs` inverts it).
+
+    Raises:
+      TypeError: for a leaf without a shape and dtype.
+    """
+    leaves, treedef = jax.tree.flatten(tree)
+    return treedef, tuple((tuple(np.shape(x)), np.dtype(jnp.result_type(x)).name)
+                          for x in leaves)
+
+
+def shape_structs(key: tuple) -> PyTree:
+    """The pytree of ``jax.ShapeDtypeStruct`` leaves that :func:`shape_key` describes."""
+    treedef, leaves = key
+    return jax.tree.unflatten(treedef, [jax.ShapeDtypeStruct(s, t) for s, t in leaves])
+
+
+__all__ = ["concat", "dataclass", "shape_key", "shape_structs", "stack", "static_field",
+           "tree_bytes"]

@@ -54,7 +54,7 @@ from dicejax.influence.rerun import (
 )
 from dicejax.mixing import Mixer
 from dicejax.pytrees import dataclass as pytree_dataclass
-from dicejax.pytrees import static_field
+from dicejax.pytrees import shape_key, shape_structs, static_field
 from dicejax.simulate import has_primitive, scalar_loss
 from dicejax.simulator import LossFn, Simulator
 from dicejax.trajectory import Trajectory
@@ -567,7 +567,8 @@ def plan_cascade(loss_fn: LossFn, traj: Trajectory, probe: PyTree, step: int, ho
     sizes = tables.sizes if tables is not None else (n,) * (hops + 1)
     degree = 1 if nbrs is None else int(nbrs.indices.shape[1])
     nb = _node_bytes(sim.loss_fn, sim.has_aux, sim.stateful, sim.rng,
-                     _shapes(traj.node_struct()), _shapes(traj.batch_struct()), _shapes(probe))
+                     shape_key(traj.node_struct()), shape_key(traj.batch_struct()),
+                     shape_key(probe))
     adjoint = (tables is not None and kind == "e" and order == 1 and not sim.stateful
                and use_adjoint_last_hop(sizes, len(src), degree, n, nb.params + nb.opt_state,
                                         budget_lib.default_budget() if budget is None
@@ -612,19 +613,12 @@ def chunk_program(loss_fn: LossFn, traj: Trajectory, probe: PyTree, step: int, h
                                          unroll=plan.unroll)
 
 
-def _shapes(tree: PyTree) -> tuple:
-    """A hashable description of a pytree's structure, shapes and dtypes."""
-    leaves, treedef = jax.tree.flatten(tree)
-    return treedef, tuple((tuple(np.shape(x)), np.dtype(x.dtype).name) for x in leaves)
-
-
 @functools.lru_cache(maxsize=64)
 def _conv_on_cpu(loss, has_aux, stateful, rng, state_shapes, batch_shapes) -> bool:
     if jax.default_backend() != "cpu":
         return False
     shell = Simulator(None, loss, has_aux=has_aux, stateful=stateful, rng=rng)
-    one, batch = (jax.tree.unflatten(d, [jax.ShapeDtypeStruct(s, t) for s, t in leaves])
-                  for d, leaves in (state_shapes, batch_shapes))
+    one, batch = shape_structs(state_shapes), shape_structs(batch_shapes)
     jaxpr = jax.make_jaxpr(scalar_loss(shell))(one.params, one.model_state, batch, one.key)
     return has_primitive(jaxpr, "conv_general_dilated")
 
@@ -633,14 +627,13 @@ def _has_conv_on_cpu(sim, traj) -> bool:
     """Whether the loss has a convolution and runs on CPU (chunks unrolled); cached per loss
     and shapes, so that repeated queries do not trace the loss again."""
     return _conv_on_cpu(sim.loss_fn, sim.has_aux, sim.stateful, sim.rng,
-                        _shapes(traj.node_struct()), _shapes(traj.batch_struct()))
+                        shape_key(traj.node_struct()), shape_key(traj.batch_struct()))
 
 
 @functools.lru_cache(maxsize=64)
 def _node_bytes(loss, has_aux, stateful, rng, state_shapes, batch_shapes, probe_shapes):
     shell = Simulator(None, loss, has_aux=has_aux, stateful=stateful, rng=rng)
-    one, batch, probe = (jax.tree.unflatten(d, [jax.ShapeDtypeStruct(s, t) for s, t in leaves])
-                         for d, leaves in (state_shapes, batch_shapes, probe_shapes))
+    one, batch, probe = map(shape_structs, (state_shapes, batch_shapes, probe_shapes))
     return budget_lib.node_bytes(shell, one, batch, probe)
 
 

@@ -305,10 +305,8 @@ def edge_cotangents(sim: Simulator, traj: Trajectory, u, nbr_idx: jax.Array, w: 
     xs = (*_take((state.params, state.opt_state, tree_at(traj.batches, u)), edges),
           sim.keys_for(state.key, state.step, edges),
           None if own is None else jnp.take(own.update[0], edges),
-          jax.tree.map(lambda x: jnp.where(
-              live.reshape((-1,) + (1,) * (x.ndim - 1)),
-              jnp.repeat(x, width, axis=0) * w.reshape((-1,) + (1,) * (x.ndim - 1)).astype(
-                  x.dtype), 0), g))
+          jax.tree.map(lambda x: jnp.repeat(x, width, axis=0) * w.reshape(
+              (-1,) + (1,) * (x.ndim - 1)).astype(x.dtype), g))
 
     def one(edge):
         params, opt, batch, key, sigma, cot = edge
@@ -326,6 +324,7 @@ def edge_cotangents(sim: Simulator, traj: Trajectory, u, nbr_idx: jax.Array, w: 
         out = jax.vmap(one)(xs)
     else:
         out = jax.lax.map(one, xs, batch_size=EDGE_CHUNK)
+    # masked after the pull-back: exactly zero on dead edges even where i holds NaN
     live_mask = lambda x: jnp.where(  # noqa: E731
         live.reshape((-1,) + (1,) * (x.ndim - 1)), x, 0) if x.dtype != jax.dtypes.float0 else x
     out = jax.tree.map(live_mask, out)

@@ -26,13 +26,14 @@ models, the model state (both enter the probe loss ``L(θ, s; z')``).
 from __future__ import annotations
 
 import functools
-from typing import Any, NamedTuple
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from dicejax.mixing import Mixer
+from dicejax.pytrees import shape_key, shape_structs
 from dicejax.robust import RobustMixer
 from dicejax.simulator import Gate, LossFn, NodeState, Simulator, run
 from dicejax.trajectory import Trajectory
@@ -219,49 +220,19 @@ def _probe_loss_fn(loss_fn, has_aux, stateful, rng):
     return lambda v, probe: shell.probe_loss(v[0], v[1], probe)
 
 
-class _Described(NamedTuple):
-    """A hashable stand-in for a pytree: its structure and leaf shapes and dtypes, or the
-    tree itself where a leaf has neither (then nothing is cached)."""
-
-    treedef: Any
-    leaves: tuple
-
-    def tree(self) -> PyTree:
-        return jax.tree.unflatten(self.treedef, [
-            jax.ShapeDtypeStruct(shape, dtype) for shape, dtype in self.leaves])
-
-
-def _describe(tree: PyTree) -> Any:
-    leaves, treedef = jax.tree.flatten(tree)
-    try:
-        return _Described(treedef, tuple((tuple(np.shape(x)), np.dtype(jnp.result_type(x)))
-                                         for x in leaves))
-    except TypeError:
-        return tree
-
-
 @functools.lru_cache(maxsize=64)
-def _probe_shape_cached(loss_fn, has_aux, stateful, rng, one, probe):
-    return _probe_shape_uncached(loss_fn, has_aux, stateful, rng, one.tree(), probe.tree())
+def _probe_shape_cached(loss_fn, has_aux, stateful, rng, one_key, probe_key):
+    return _probe_shape(loss_fn, has_aux, stateful, rng, shape_structs(one_key),
+                        shape_structs(probe_key))
 
 
-def _probe_shape_uncached(loss_fn, has_aux, stateful, rng, one, probe):
+def _probe_shape(loss_fn, has_aux, stateful, rng, one, probe):
+    """The probe loss' output shape struct, or the message of the error evaluating it
+    raised (shapes only, so :func:`_probe_shape_cached` keys it on the shapes)."""
     try:
         return jax.eval_shape(_probe_loss_fn(loss_fn, has_aux, stateful, rng), one, probe)
     except Exception as e:  # the message becomes the ValueError's
         return str(e) or type(e).__name__
-
-
-def _probe_shape(loss_fn, has_aux, stateful, rng, one, probe):
-    """The probe loss' output shape struct, or the error message of evaluating it (shapes
-    only: cached per loss and shapes, so a repeated query does not trace the loss again)."""
-    if isinstance(one, _Described) and isinstance(probe, _Described):
-        try:
-            return _probe_shape_cached(loss_fn, has_aux, stateful, rng, one, probe)
-        except TypeError:  # an unhashable loss or tree description
-            pass
-    unwrap = lambda d: d.tree() if isinstance(d, _Described) else d  # noqa: E731
-    return _probe_shape_uncached(loss_fn, has_aux, stateful, rng, unwrap(one), unwrap(probe))
 
 
 def check_query(
@@ -296,8 +267,12 @@ def check_query(
     if not traj.simulator.isolate and not bool(_finite_window(traj.params, step, hops + 1)):
         raise ValueError(f"traj: non-finite parameters between steps {step} and {step + hops}")
     sim = traj.simulator
-    out = _probe_shape(loss_fn, sim.has_aux, sim.stateful, sim.rng,
-                       *(_describe(x) for x in (probe_vars(traj.node_struct()), probe)))
+    one = probe_vars(traj.node_struct())
+    try:  # cached per loss and shapes: a repeated query does not trace the loss again
+        out = _probe_shape_cached(loss_fn, sim.has_aux, sim.stateful, sim.rng, shape_key(one),
+                                  shape_key(probe))
+    except TypeError:  # a leaf without shape and dtype, or an unhashable loss
+        out = _probe_shape(loss_fn, sim.has_aux, sim.stateful, sim.rng, one, probe)
     if isinstance(out, str):
         raise ValueError(f"probe: loss_fn(params, probe) failed for this probe: {out}")
     if getattr(out, "shape", None) != ():
