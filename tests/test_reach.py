@@ -150,10 +150,16 @@ def test_reach_tables_equal_breadth_first_search(rng):
                     assert tables.src_pos[s - 1][i, p, d] == want
 
 
-def _e_with_last_hop(loss, traj, probe, t, hops, q, adjoint):
-    """e_cascade's reach form with the last hop forced forward or from edge pull-backs."""
+FORMS = {"forward": dict(adjoint=False, flat=False), "adjoint": dict(adjoint=True, flat=False),
+         "flat": dict(adjoint=False, flat=True)}
+
+
+def _e_form(loss, traj, probe, t, hops, q, form):
+    """e_cascade's reach form run as ``form``: each source's tangent through every hop
+    ("forward"), the last hop from edge pull-backs ("adjoint"), or every source at once
+    from shared products ("flat")."""
     plan = di.plan_cascade(loss, traj, probe, t, hops, kind="e", mode="reach")
-    plan = plan._replace(adjoint=adjoint)
+    plan = plan._replace(**FORMS[form])
     fn, args, static = di.cascade.chunk_program(loss, traj, probe, t, hops, jnp.asarray(q),
                                                 plan, kind="e")
     return fn(*args, batch_size=plan.batch_size, **static)
@@ -161,11 +167,12 @@ def _e_with_last_hop(loss, traj, probe, t, hops, q, adjoint):
 
 @pytest.mark.parametrize(("graph", "opt"), [("ring", "sgd"), ("directed", "adam"),
                                             ("time_varying", "momentum")])
-def test_adjoint_last_hop_equals_forward_and_dense(graph, opt, rng):
-    """The last hop from the edges' vector-Jacobian products (shared by every source)
-    against each source's tangent through the last update and against the dense cascade:
-    SGD, momentum and Adam (optimizer-state tangents), run gates 0 and -1 in the window,
-    static, directed and time-varying graphs."""
+def test_adjoint_and_flat_forms_equal_forward_and_dense(graph, opt, rng):
+    """The last hop from the edges' vector-Jacobian products (shared by every source) and
+    the flat form (every source from shared products, no per-source tangent) against each
+    source's tangent through every hop and against the dense cascade: SGD, momentum and
+    Adam (optimizer-state tangents), run gates 0 and -1 in the window, static, directed and
+    time-varying graphs, r = 1, 2, 3."""
     n, T = 9, 5
     loss, params, batches, probe = make_problem(n=n, steps=T, model="tanh")
     scale = np.ones((T, n))
@@ -175,36 +182,72 @@ def test_adjoint_last_hop_equals_forward_and_dense(graph, opt, rng):
                        update_scale=scale)
     q = np.random.default_rng(1).uniform(0.5, 1.5, n)
     q = q / q.sum()
-    for hops in (2, 3):
-        fast = _e_with_last_hop(loss, traj, probe, 1, hops, q, True)
-        slow = _e_with_last_hop(loss, traj, probe, 1, hops, q, False)
+    for hops in (1, 2, 3):
         dense = di.e_cascade(loss, traj, probe, 1, hops, q, mode="dense")
-        _assert_same_cascade(fast, dense, n)
+        slow = _e_form(loss, traj, probe, 1, hops, q, "forward")
         _assert_same_cascade(slow, dense, n)
-        for a, b in zip(fast.values, slow.values, strict=True):  # padded positions are 0
-            _close(a, b)
+        for form in ("adjoint", "flat") if hops >= 2 else ("flat",):
+            fast = _e_form(loss, traj, probe, 1, hops, q, form)
+            _assert_same_cascade(fast, dense, n)
+            for a, b in zip(fast.values, slow.values, strict=True):  # padded positions are 0
+                _close(a, b)
 
 
-def test_adjoint_last_hop_equals_explicit_walks(rng):
-    """The adjoint last hop at r = 3 against explicit Hessians along every walk."""
+def test_adjoint_and_flat_forms_equal_explicit_walks(rng):
+    """The adjoint last hop and the flat form at r = 3 against explicit Hessians along
+    every walk."""
     n, T = 8, 5
     loss, params, batches, probe = make_problem(n=n, steps=T, model="tanh")
     traj = dj.simulate(loss, params, batches, _sparse_directed(n, rng), optax.sgd(0.2))
     q = np.full(n, 1.0 / n)
-    got = _e_with_last_hop(loss, traj, probe, 1, 3, q, True)
     want = ref.e_brute_sgd_walks(loss, traj, probe, 1, 3, q, lr=0.2)
-    np.testing.assert_allclose(got.total, want, rtol=1e-9, atol=1e-14)
+    for form in ("adjoint", "flat"):
+        got = _e_form(loss, traj, probe, 1, 3, q, form)
+        np.testing.assert_allclose(got.total, want, rtol=1e-9, atol=1e-14)
 
 
-def test_default_plan_takes_the_adjoint_last_hop_only_where_it_is_cheaper():
-    n, T = 12, 5
-    loss, params, batches, probe = make_problem(n=n, steps=T, model="tanh")
-    traj = dj.simulate(loss, params, batches, dj.topology.ring(n), optax.sgd(0.2))
-    plan = lambda **kw: di.plan_cascade(loss, traj, probe, 1, kw.pop("hops", 3),  # noqa: E731
-                                        kind="e", **kw)
-    assert plan().adjoint  # 12 sources x 5 nodes at hop 2 > 12 x 3 edges
-    assert not plan(hops=1).adjoint  # no update before the last hop
-    assert not plan(order=2).adjoint  # the curvature term needs the last tangent
-    assert not plan(sources=[0, 1]).adjoint  # 2 x 5 < 36: the pull-backs cost more
-    assert not plan(mode="dense").adjoint
-    assert not plan(memory_budget=1e3).adjoint  # the cotangents would take the budget
+def test_flat_form_with_keys_and_sampled_sources_equals_dense(rng):
+    """The flat form with per-node PRNG keys (dropout) and a sample of sources."""
+    from test_simulator import _dropout_loss
+
+    n, T = 8, 5
+    _, params, batches, probe = make_problem(n=n, steps=T, model="tanh")
+    traj = dj.simulate(_dropout_loss, params, batches, _sparse_directed(n, rng),
+                       optax.adam(0.05), key=jax.random.PRNGKey(2))
+    for hops, sources in ((2, None), (3, [6, 1, 4])):
+        plan = di.plan_cascade(_dropout_loss, traj, probe, 1, hops, kind="e",
+                               sources=sources)
+        assert plan.mode == "reach" and plan.flat
+        got = di.e_cascade(_dropout_loss, traj, probe, 1, hops, sources=sources)
+        want = di.e_cascade(_dropout_loss, traj, probe, 1, hops, sources=sources,
+                            mode="dense")
+        _close(got.total, want.total)
+        _close(got.per_hop, want.per_hop)
+        _close(got.network(), want.network())
+
+
+def test_default_plan_takes_the_flat_or_adjoint_form_only_where_it_is_cheaper():
+    T = 5
+    for n in (12, 64):
+        loss, params, batches, probe = make_problem(n=n, steps=T, model="tanh")
+        traj = dj.simulate(loss, params, batches, dj.topology.ring(n), optax.sgd(0.2))
+        plan = lambda loss=loss, traj=traj, probe=probe, **kw: di.plan_cascade(  # noqa: E731
+            loss, traj, probe, 1, kw.pop("hops", 3), kind="e", **kw)
+        if n == 12:  # reach (1, 3, 5, 7): 12 x 3 <= 4 x 7 x 5 inner products per source
+            for hops in (1, 2, 3):
+                got = plan(hops=hops)
+                assert got.flat and not got.adjoint and got.batch_size == n
+            assert not plan(hops=4).flat  # beyond the meeting point of the two sides
+            assert not plan(order=2).flat  # the curvature term needs the tangents
+            assert not plan(batch_size=4).flat  # chunks asked for
+            assert not plan(mode="dense").flat
+            assert not plan(memory_budget=1e3).flat
+            continue
+        # 64 x 3 > 4 x 7 x 5: inner products against every node would cost more
+        assert not plan().flat
+        assert plan().adjoint  # 64 sources x 5 nodes at hop 2 > 64 x 3 edges
+        assert not plan(hops=1).adjoint  # no update before the last hop
+        assert not plan(order=2).adjoint  # the curvature term needs the last tangent
+        assert not plan(sources=[0, 1]).adjoint  # 2 x 5 < 192: the pull-backs cost more
+        assert not plan(mode="dense").adjoint
+        assert not plan(memory_budget=1e3).adjoint  # the cotangents would take the budget

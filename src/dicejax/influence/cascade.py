@@ -404,14 +404,16 @@ def compute_gt_reach(loss_fn, traj, probe, t, q, tables, nbr_idx, nbr_w, *, batc
 
 
 @functools.partial(jax.jit, static_argnames=("loss_fn", "order", "direct", "batch_size",
-                                             "unroll", "adjoint"))
+                                             "unroll", "adjoint", "flat"))
 def compute_e_reach(loss_fn, traj, probe, t, q, tables, nbr_idx, nbr_w, *, order, direct,
-                    batch_size, unroll=True, adjoint=False):
+                    batch_size, unroll=True, adjoint=False, flat=False):
     """The unvalidated core of :func:`e_cascade`, reach-restricted (``t`` may be traced).
 
     ``adjoint`` (order 1, ``r >= 2``, no model state): the last hop from the edges'
     pull-backs (:func:`~dicejax.influence.reach.edge_cotangents`, shared by the sources)
-    instead of each source's tangent through the update of step ``t + r − 1``.
+    instead of each source's tangent through the update of step ``t + r − 1``. ``flat``
+    (order 1, ``r <= 3``, no model state): every source at once from products of shared
+    pieces (:func:`~dicejax.influence.reach.flat_values`; ``batch_size`` is not used).
     """
     n = q.shape[0]
     sim = rerun_simulator(loss_fn, traj)
@@ -420,9 +422,16 @@ def compute_e_reach(loss_fn, traj, probe, t, q, tables, nbr_idx, nbr_w, *, order
     recorded = [probe_vars(traj.state_at(t + s)) for s in range(1, hops + 1)]
     if order == 1:  # the probe gradients once per (hop, node), at the recorded states
         g = [probe_grads(sim, v, probe) for v in recorded]
-    if adjoint:
+    cot = None
+    if adjoint or (flat and hops >= 2):
         cot = reach_lib.edge_cotangents(sim, traj, t + hops - 1, nbr_idx, nbr_w[hops - 1],
                                         g[hops - 1][0])
+    sources = tables.nodes[0][:, 0]
+    own = _direct(sim, traj, probe, t, q, sources, order=order, direct=direct, exact=False)
+    if flat:
+        values = reach_lib.flat_values(sim, traj, t, tables, nbr_idx, nbr_w, g, cot)
+        out, shell = _reach_values(tables, values, q, n)
+        return SparseCascade(own, tuple(tables.nodes[1:]), out, shell, sources, n)
     forward = hops - 1 if adjoint else hops  # hops carried by each source's tangent
 
     def one(rows):
@@ -448,9 +457,7 @@ def compute_e_reach(loss_fn, traj, probe, t, q, tables, nbr_idx, nbr_w, *, order
         return out
 
     values = map_sources(one, tuple(tables), batch_size, unroll)
-    sources = tables.nodes[0][:, 0]
     out, shell = _reach_values(tables, values, q, n)
-    own = _direct(sim, traj, probe, t, q, sources, order=order, direct=direct, exact=False)
     return SparseCascade(own, tuple(tables.nodes[1:]), out, shell, sources, n)
 
 
@@ -501,6 +508,8 @@ class Plan(NamedTuple):
         given: then ``batch_size`` is the chunk).
       adjoint: the reach-restricted first-order cascade takes its last hop from the edges'
         pull-backs (:func:`use_adjoint_last_hop`).
+      flat: every source at once from shared products, no tangent per source
+        (:func:`use_flat_cascade`; then ``batch_size`` is all the sources).
     """
 
     mode: str
@@ -512,6 +521,7 @@ class Plan(NamedTuple):
     unroll: bool
     budget: int | None = None
     adjoint: bool = False
+    flat: bool = False
 
 
 def use_adjoint_last_hop(sizes: tuple[int, ...], sources: int, degree: int, n: int,
@@ -528,6 +538,44 @@ def use_adjoint_last_hop(sizes: tuple[int, ...], sources: int, degree: int, n: i
     """
     return len(sizes) >= 3 and sources * sizes[-2] > n * degree \
         and n * degree * edge_bytes <= budget // 4
+
+
+def flat_bytes(sizes: tuple[int, ...], sources: int, degree: int, n: int,
+               nb: budget_lib.NodeBytes) -> int:
+    """Estimated peak bytes of :func:`~dicejax.influence.reach.flat_values` with its probe
+    gradients and edge pull-backs (all sources at once): per Jacobian-vector product of
+    step ``t + 1`` (``m · M_1`` of them at ``r = 3``) and per edge pull-back (``n · D``,
+    ``r ≥ 2``) its inputs, outputs and residuals; the ``r · n`` probe gradients."""
+    edge = nb.params + nb.opt_state
+    hops = len(sizes) - 1
+    pushes = sources * sizes[1] if hops == 3 else 0
+    pulls = n * degree if hops >= 2 else 0
+    per = 4 * edge + 2 * nb.activations
+    return ((pushes + pulls + sources) * per + hops * n * (nb.params + nb.probe)
+            + sources * degree * sizes[1] * n * 8)
+
+
+def use_flat_cascade(sizes: tuple[int, ...], n: int, nbytes: int, budget: int) -> bool:
+    """Whether a reach-restricted first-order cascade (no model state) should run flat
+    (:func:`~dicejax.influence.reach.flat_values`).
+
+    Flat, the parameter-sized work is the same Jacobian-vector products as the per-source
+    form (without its gathers and padding) plus inner products against all ``n`` nodes:
+    per source ``n·D·M_1`` (``r = 3``), ``n·D`` (``r = 2``) or ``n`` (``r = 1``) of them,
+    where the per-source form's last hop costs ``M_r·D·M_{r-1}`` (``M_1`` at ``r = 1``)
+    with gathered rows, which XLA:CPU runs about 4x slower. So: ``r ≤ 3`` and
+    ``n · M_1 ≤ 4 · M_3 · M_2`` (``r = 3``), ``n ≤ 4 · M_2 · M_1`` (``r = 2``),
+    ``n ≤ 4 · M_1`` (``r = 1``), and the estimate :func:`flat_bytes` within a quarter of
+    the budget. (16-node exponential graph, r = 3: 80 ≤ 704; 1,024-node ring: 3,072 > 140.)
+    """
+    hops = len(sizes) - 1
+    if not 1 <= hops <= 3 or nbytes > budget // 4:
+        return False
+    if hops == 3:
+        return n * sizes[1] <= 4 * sizes[3] * sizes[2]
+    if hops == 2:
+        return n <= 4 * sizes[2] * sizes[1]
+    return n <= 4 * sizes[1]
 
 
 def plan_cascade(loss_fn: LossFn, traj: Trajectory, probe: PyTree, step: int, hops: int, *,
@@ -569,10 +617,15 @@ def plan_cascade(loss_fn: LossFn, traj: Trajectory, probe: PyTree, step: int, ho
     nb = _node_bytes(sim.loss_fn, sim.has_aux, sim.stateful, sim.rng,
                      shape_key(traj.node_struct()), shape_key(traj.batch_struct()),
                      shape_key(probe))
-    adjoint = (tables is not None and kind == "e" and order == 1 and not sim.stateful
-               and use_adjoint_last_hop(sizes, len(src), degree, n, nb.params + nb.opt_state,
-                                        budget_lib.default_budget() if budget is None
-                                        else budget))
+    first_order = tables is not None and kind == "e" and order == 1 and not sim.stateful
+    room = budget_lib.default_budget() if budget is None else budget
+    whole = flat_bytes(sizes, len(src), degree, n, nb)
+    flat = first_order and batch_size is None and use_flat_cascade(sizes, n, whole, room)
+    adjoint = first_order and not flat and use_adjoint_last_hop(
+        sizes, len(src), degree, n, nb.params + nb.opt_state, room)
+    if flat:  # one program for every source: no chunks
+        return Plan(chosen, src, len(src), -(-whole // len(src)), tables, nbrs,
+                    _has_conv_on_cpu(sim, traj), budget, False, True)
     if adjoint:  # tangents over r - 1 hops, then the last hop's rows of edge cotangents
         per = (budget_lib.source_bytes(nb, sizes[:-1], kind=kind, order=order, degree=degree)
                + sizes[-1] * degree * (nb.params + nb.opt_state))
@@ -605,7 +658,7 @@ def chunk_program(loss_fn: LossFn, traj: Trajectory, probe: PyTree, step: int, h
         if kind == "gt":
             return compute_gt_reach, args, dict(unroll=plan.unroll)
         return compute_e_reach, args, dict(order=order, direct=direct, unroll=plan.unroll,
-                                           adjoint=plan.adjoint)
+                                           adjoint=plan.adjoint, flat=plan.flat)
     args = (loss_fn, traj, probe, t, q, jnp.asarray(plan.sources))
     if kind == "gt":
         return compute_gt_cascade, args, dict(hops=hops, unroll=plan.unroll)
