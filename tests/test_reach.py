@@ -251,3 +251,32 @@ def test_default_plan_takes_the_flat_or_adjoint_form_only_where_it_is_cheaper():
         assert not plan(sources=[0, 1]).adjoint  # 2 x 5 < 192: the pull-backs cost more
         assert not plan(mode="dense").adjoint
         assert not plan(memory_budget=1e3).adjoint  # the cotangents would take the budget
+
+
+def test_flat_form_falls_back_to_chunks_when_its_program_exceeds_the_budget(monkeypatch):
+    """Where the estimate lets the flat form through but XLA's count of its program exceeds
+    the budget, the default call runs chunks of sources instead of failing."""
+    n, T = 12, 5
+    loss, params, batches, probe = make_problem(n=n, steps=T, model="tanh")
+    traj = dj.simulate(loss, params, batches, dj.topology.ring(n), optax.sgd(0.2))
+    q = jnp.full(n, 1.0 / n)
+
+    def need(flat):
+        plan = di.plan_cascade(loss, traj, probe, 1, 3, kind="e", allow_flat=flat)
+        assert plan.flat == flat
+        fn, args, static = di.cascade.chunk_program(loss, traj, probe, 1, 3, q, plan, kind="e")
+        return di.budget.compiled_bytes(fn.lower(*args, batch_size=1 if not flat else n,
+                                                 **static).compile())
+
+    whole, one = need(True), need(False)
+    assert one < whole
+    monkeypatch.setattr(di.cascade, "flat_bytes", lambda *a: 0)
+    budget = (whole + one) // 2
+    assert di.plan_cascade(loss, traj, probe, 1, 3, kind="e", memory_budget=budget).flat
+    plans = []
+    planner = di.cascade.plan_cascade
+    monkeypatch.setattr(di.cascade, "plan_cascade",
+                        lambda *a, **kw: plans.append(planner(*a, **kw)) or plans[-1])
+    got = di.e_cascade(loss, traj, probe, 1, 3, memory_budget=budget)
+    assert [p.flat for p in plans] == [True, False]  # the flat program was refused
+    _close(got.total, di.e_cascade(loss, traj, probe, 1, 3, mode="dense").total)

@@ -580,7 +580,8 @@ def use_flat_cascade(sizes: tuple[int, ...], n: int, nbytes: int, budget: int) -
 
 def plan_cascade(loss_fn: LossFn, traj: Trajectory, probe: PyTree, step: int, hops: int, *,
                  kind: str, order: int = 1, sources: Any = None, mode: Mode = "auto",
-                 batch_size: int | None = None, memory_budget: Any = None) -> Plan:
+                 batch_size: int | None = None, memory_budget: Any = None,
+                 allow_flat: bool = True) -> Plan:
     """Chooses the cascade's form and its chunks: reach tables, bytes per source, budget.
 
     Args:
@@ -590,6 +591,7 @@ def plan_cascade(loss_fn: LossFn, traj: Trajectory, probe: PyTree, step: int, ho
       mode: ``"auto"``, ``"dense"`` or ``"reach"``.
       batch_size: sources per chunk (default: from ``memory_budget``).
       memory_budget: bytes (default :func:`dicejax.influence.budget.default_budget`).
+      allow_flat: whether the flat form may be chosen (:func:`use_flat_cascade`).
 
     Returns:
       A :class:`Plan`.
@@ -620,7 +622,8 @@ def plan_cascade(loss_fn: LossFn, traj: Trajectory, probe: PyTree, step: int, ho
     first_order = tables is not None and kind == "e" and order == 1 and not sim.stateful
     room = budget_lib.default_budget() if budget is None else budget
     whole = flat_bytes(sizes, len(src), degree, n, nb)
-    flat = first_order and batch_size is None and use_flat_cascade(sizes, n, whole, room)
+    flat = (allow_flat and first_order and batch_size is None
+            and use_flat_cascade(sizes, n, whole, room))
     adjoint = first_order and not flat and use_adjoint_last_hop(
         sizes, len(src), degree, n, nb.params + nb.opt_state, room)
     if flat:  # one program for every source: no chunks
@@ -775,13 +778,22 @@ def e_cascade(
         raise ValueError(f"order: must be 1 or 2, got {order!r}")
     if direct not in ("taylor", "exact"):
         raise ValueError(f"direct: must be 'taylor' or 'exact', got {direct!r}")
-    plan = plan_cascade(loss_fn, traj, probe, step, hops, kind="e", order=order,
-                        sources=sources, mode=mode, batch_size=batch_size,
-                        memory_budget=memory_budget)
-    return budget_lib.run_chunked(
-        *chunk_program(loss_fn, traj, probe, step, hops, q, plan, kind="e", order=order,
-                       direct=direct),
-        chunk=plan.batch_size, num=len(plan.sources), budget=plan.budget, what="DICE-E")
+    options = dict(kind="e", order=order, sources=sources, mode=mode, batch_size=batch_size,
+                   memory_budget=memory_budget)
+    plan = plan_cascade(loss_fn, traj, probe, step, hops, **options)
+
+    def run(plan):
+        return budget_lib.run_chunked(
+            *chunk_program(loss_fn, traj, probe, step, hops, q, plan, kind="e", order=order,
+                           direct=direct),
+            chunk=plan.batch_size, num=len(plan.sources), budget=plan.budget, what="DICE-E")
+
+    if not plan.flat:
+        return run(plan)
+    try:
+        return run(plan)
+    except ValueError:  # the flat program (all sources at once) exceeds the budget: chunks
+        return run(plan_cascade(loss_fn, traj, probe, step, hops, allow_flat=False, **options))
 
 
 def dice_gt(
