@@ -241,7 +241,7 @@ def rewire(
     optimizer: optax.GradientTransformation,
     probe: PyTree,
     keep: int,
-    period: int = 25,
+    period: int = 10,
     *,
     candidates: jax.Array | None = None,
     decay: float = 1.0,

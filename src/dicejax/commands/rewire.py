@@ -32,7 +32,7 @@ def register(subparsers, run_args: Callable[..., object],
     g.add_argument("--keep", type=options.positive_int, default=None, metavar="K",
                    help="in-neighbours each node keeps, below --nodes (default: the starting "
                         "graph's in-degree)")
-    g.add_argument("--period", type=options.positive_int, default=25, metavar="P",
+    g.add_argument("--period", type=options.positive_int, default=10, metavar="P",
                    help="steps between rewirings (below --steps)")
     g.add_argument("--candidates", default="all", choices=("all", "graph"),
                    help="choose among all nodes, or among the starting graph's in-neighbours")

@@ -90,7 +90,7 @@ def rewiring(
     attack: str = "label_permutation",
     attackers: int | Sequence[int] | None = None,
     keep: int | None = None,
-    period: int = 25,
+    period: int = 10,
     seeds: Sequence[int] = (0, 1, 2, 3, 4),
     arms: Sequence[str] = ARMS,
     *,
