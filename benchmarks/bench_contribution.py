@@ -22,6 +22,14 @@ whole train split.
 (:func:`~dicejax.apps.contribution.coalition_values`) and scaled to ``n + 1`` re-runs, the
 Shapley round to ``2 (n − 1) + 2`` (marked ``extrapolated_from_8_runs``).
 
+Part ``curvature`` (issue 16 item 3, a candidate better estimate): with ``F(a)`` the final
+probe objective when every update of node ``j`` is gated by ``a_j`` (``a = 1``: the run),
+leave-one-out is ``F(1) − F(1 − e_j) = ∂_j F − ½ ∂_jj F + …``; the first-order estimate is
+``∂_j F`` (one reverse pass). This part adds the exact second-order term (``n``
+Hessian-vector products through the whole run, forward over reverse) and Hutchinson
+estimates of the diagonal from ``K`` Rademacher probes (``K`` products), and reports their
+Spearman against leave-one-out and the cost of each.
+
 Usage::
 
     python benchmarks/bench_contribution.py                      # both parts
@@ -56,7 +64,8 @@ SETTINGS = {
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--part", choices=("agreement", "cost", "both"), default="both")
+    p.add_argument("--part", choices=("agreement", "cost", "both", "curvature"), default="both")
+    p.add_argument("--probes", default="4,8,16", help="Hutchinson probe counts (curvature)")
     p.add_argument("--steps", type=int, default=150)
     p.add_argument("--seeds", default="0,1")
     p.add_argument("--settings", default=",".join(SETTINGS))
@@ -128,6 +137,85 @@ def agreement(args, done=lambda rows: None) -> list[dict]:
                   f" | est {row['estimate_seconds']:.1f} s, LOO "
                   f"{row['leave_one_out_seconds']:.1f} s, Shapley {row['shapley_seconds']:.1f} s",
                   flush=True)
+            done(rows)
+    return rows
+
+
+def curvature(args, done=lambda rows: None) -> list[dict]:
+    """Second-order leave-one-out estimates against the exact effects (see the docstring)."""
+    import jax.numpy as jnp
+
+    from dicejax.apps.contribution import contributions, leave_one_out
+    from dicejax.experiments.anomaly import AttackedSource
+    from dicejax.experiments.common import RunConfig, build
+    from dicejax.influence.rerun import probe_losses, probe_vars, rerun_simulator
+    from dicejax.simulate import simulate
+    from dicejax.simulator import Gate, run
+
+    rows = []
+    for name in args.settings.split(","):
+        s = SETTINGS[name]
+        for seed in [int(v) for v in args.seeds.split(",")]:
+            T, n = args.steps, 16
+            config = RunConfig(dataset="digits", nodes=n, topology="exponential", model="mlp",
+                               lr=0.1, batch=16, steps=T, partition=s["partition"],
+                               alpha=0.3, seed=seed, eval_every=0)
+            try:
+                setup = build(config, np.float64)
+            except ValueError as e:
+                rows.append({"setting": name, "seed": seed, "skipped": str(e)})
+                continue
+            source = setup.source
+            if s["permuted"]:  # as dicejax contribute corrupts them
+                draws = np.asarray(jax.random.uniform(jax.random.PRNGKey(seed), (T, n, 16)))
+                source = AttackedSource(source, "label_permutation", tuple(s["permuted"]),
+                                        seed, draws=draws)
+            own = np.ones((T, n))
+            own[:, s["free_riders"]] = 0.0
+            traj = simulate(setup.loss_fn, setup.params, source(0, T), setup.topology,
+                            setup.optimizer, record=True, update_scale=own)
+            loss, probe = setup.loss_fn, setup.probe
+            tic = time.perf_counter()
+            loo = np.asarray(leave_one_out(loss, traj, probe))
+            loo_s = time.perf_counter() - tic
+            tic = time.perf_counter()
+            est = np.asarray(contributions(loss, traj, probe).influence)
+            est_s = time.perf_counter() - tic
+            sim = rerun_simulator(loss, traj)
+            q = jnp.full(n, 1.0 / n)
+            base, state0 = jnp.asarray(own), traj.state_at(0)
+
+            def objective(a, sim=sim, q=q, base=base, state0=state0, traj=traj, probe=probe):
+                gate = Gate(base * a, (base != 0).astype(base.dtype))
+                final, _ = run(sim, state0, traj.batches, gate)
+                return jnp.dot(q, probe_losses(sim, probe_vars(final), probe))
+
+            ones = jnp.ones(n)
+            hvp = jax.jit(lambda v, f=objective, a=ones: jax.jvp(jax.grad(f), (a,), (v,))[1])
+            tic = time.perf_counter()
+            hess = np.stack([np.asarray(hvp(jnp.eye(n)[j])) for j in range(n)])
+            hess_s = time.perf_counter() - tic
+            second = est - 0.5 * np.diag(hess)
+            row = {"setting": name, "seed": seed, "steps": T,
+                   "first_order_vs_loo": correlations(est, loo),
+                   "second_order_vs_loo": correlations(second, loo),
+                   "sum_ratio_first": float(est.sum() / loo.sum()),
+                   "sum_ratio_second": float(second.sum() / loo.sum()),
+                   "leave_one_out_seconds": loo_s, "estimate_seconds": est_s,
+                   "hessian_seconds": hess_s, "hutchinson": {},
+                   "leave_one_out": loo, "estimate": est, "hessian": hess}
+            rng = np.random.default_rng(seed)
+            for k in [int(v) for v in args.probes.split(",")]:
+                z = rng.choice([-1.0, 1.0], size=(k, n))
+                diag = np.mean(z * (z @ hess.T), axis=0)  # E[z ⊙ Hz] = diag H
+                row["hutchinson"][str(k)] = correlations(est - 0.5 * diag, loo)
+            rows.append(row)
+            f1, f2 = row["first_order_vs_loo"], row["second_order_vs_loo"]
+            hut = " ".join(f"K={k}: S {v['spearman']:.3f}" for k, v in row["hutchinson"].items())
+            print(f"{name:12s} seed {seed}: Spearman vs LOO first {f1['spearman']:.3f}, second "
+                  f"{f2['spearman']:.3f} (Σ ratio {row['sum_ratio_first']:.2f} → "
+                  f"{row['sum_ratio_second']:.2f}); Hutchinson {hut}; LOO {loo_s:.1f} s, "
+                  f"estimate {est_s:.1f} s, {n} HVPs {hess_s:.1f} s", flush=True)
             done(rows)
     return rows
 
@@ -206,6 +294,12 @@ def main(argv=None) -> int:
             write_json(Path(args.out), result)
 
         result["agreement"] = agreement(args, done)
+    if args.part == "curvature":
+        def keep(rows):
+            result["curvature"] = rows
+            write_json(Path(args.out), result)
+
+        result["curvature"] = curvature(args, keep)
     if args.part in ("cost", "both"):
         result["cost"] = []
         for n in [int(v) for v in args.cost_nodes.split(",")]:
