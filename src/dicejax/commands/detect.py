@@ -22,15 +22,20 @@ def register(subparsers, run_args: Callable[..., object],
                     "sums the proximal influence of each in-neighbour over the last --window "
                     "steps and flags neighbours whose robust z-score exceeds --threshold. "
                     "Reports edge-level ROC-AUC, precision and recall per seed; writes "
-                    "detect.json and detect_roc.png.")
+                    "detect.json and detect_roc.png. Adaptive attackers: --attack label_noise "
+                    "mislabels only a --fraction of each batch; --on/--off make any attack "
+                    "intermittent. Curves: --strengths (noise std or label-noise fraction) "
+                    "or --duties (duty cycle) write detect_strength.json and "
+                    "detect_strength.png instead.")
     out = run_args(p)
     options.add_checkpoint_arg(out if out is not None else p,
                                "every finished seed, and the training of the seed in progress")
     g = p.add_argument_group("attack and detection")
-    g.add_argument("--attack", default="label_permutation", choices=options.ATTACKS,
+    g.add_argument("--attack", default="label_permutation", choices=options.DETECT_ATTACKS,
                    help="label_permutation (labels shuffled within each batch, the paper's "
                         "label flipping), label_flip (all labels set to class 0), "
-                        "gaussian_noise (inputs + N(0, --std²)), sign_flip (negated updates), "
+                        "gaussian_noise (inputs + N(0, --std²)), label_noise (a --fraction of "
+                        "each batch given random wrong classes), sign_flip (negated updates), "
                         "free_rider (no local updates)")
     g.add_argument("--attackers", type=options.attackers, default=1, metavar="IDS|random:K",
                    help="attacking node ids (e.g. 3 or 3,17) or random:K for K random "
@@ -44,11 +49,30 @@ def register(subparsers, run_args: Callable[..., object],
     g.add_argument("--std", type=options.positive_float, default=10.0, metavar="S",
                    help="noise standard deviation of --attack gaussian_noise (normalised "
                         "input units; the paper's variance 100 is 10)")
+    g.add_argument("--fraction", type=options.positive_float, default=0.5, metavar="F",
+                   help="share of each attacked batch that --attack label_noise mislabels, "
+                        "in (0, 1]: round(F·B) labels, each set to a uniformly random wrong "
+                        "class; at least one label (F·B > 0.5)")
+    g.add_argument("--on", type=options.positive_int, default=1, metavar="K",
+                   help="an intermittent attacker (any --attack): attacks K steps, then is "
+                        "honest for --off steps, repeating from step 0")
+    g.add_argument("--off", type=options.non_negative_int, default=0, metavar="K",
+                   help="honest steps after every --on attacked steps (0: attacks every "
+                        "step); duty cycle = on/(on+off)")
     g.add_argument("--strengths", type=options.positive_floats, default=None,
                    metavar="S,S,...",
-                   help="a strength curve of --attack gaussian_noise: one detection per noise "
-                        "standard deviation (same seeds and attackers); writes "
+                   help="a strength curve: one detection per value (same seeds and "
+                        "attackers) of the noise standard deviation of --attack "
+                        "gaussian_noise, or of the fraction F in (0, 1] of --attack "
+                        "label_noise (replacing --std or --fraction); writes "
                         "detect_strength.json and detect_strength.png instead")
+    g.add_argument("--duties", type=options.positive_floats, default=None, metavar="D,D,...",
+                   help="a duty-cycle curve of an intermittent attacker (any --attack): one "
+                        "detection per duty cycle D in (0, 1], the share of steps attacked: "
+                        "on for --on steps, off for round(on/D) - on steps (with --on 1, "
+                        "D = 1, 0.5, 0.25, 0.1 attack every step, 1 in 2, 1 in 4, 1 in 10); "
+                        "--off is set by D; writes detect_strength.json and "
+                        "detect_strength.png instead")
     g.add_argument("--chunk-steps", type=options.positive_int, default=25, metavar="S",
                    help="recorded steps held in memory at once while scoring")
     g.add_argument("--statistic", default="sum", choices=("sum", "t"),
@@ -58,13 +82,44 @@ def register(subparsers, run_args: Callable[..., object],
 
 
 def check(a: argparse.Namespace) -> None:
-    """``--window <= --steps``; attackers within the nodes."""
+    """``--window <= --steps``; attackers within the nodes; the adaptive attack's options."""
     if a.window > a.steps:
         raise options.UsageError(f"--window: {a.window} exceeds --steps {a.steps}")
-    if getattr(a, "strengths", None) is not None and a.attack != "gaussian_noise":
+    strengths, duties = getattr(a, "strengths", None), getattr(a, "duties", None)
+    if strengths is not None and duties is not None:
+        raise options.UsageError("--duties: sweeps the duty cycle; it cannot be combined with "
+                                 "--strengths (one curve per command)")
+    if strengths is not None and a.attack not in ("gaussian_noise", "label_noise"):
         raise options.UsageError(f"--strengths: a strength curve needs --attack "
-                                 f"gaussian_noise, got --attack {a.attack}")
+                                 f"gaussian_noise (noise std) or label_noise (fraction), got "
+                                 f"--attack {a.attack}; --duties sweeps the duty cycle of any "
+                                 f"attack")
+    if a.attack == "label_noise":
+        check_fractions(strengths if strengths is not None else [a.fraction],
+                        "--strengths" if strengths is not None else "--fraction", a.batch)
+    if duties is not None:
+        bad = [d for d in duties if d > 1]
+        if bad:
+            raise options.UsageError(f"--duties: a duty cycle is the share of steps attacked, "
+                                     f"in (0, 1], got {', '.join(f'{d:g}' for d in bad)}")
+        if a.off != 0:
+            raise options.UsageError(f"--off: --duties sets the honest steps itself (off = "
+                                     f"round(on/D) - on); drop --off {a.off}")
     check_attackers(a)
+
+
+def check_fractions(fractions: list[float], flag: str, batch: int) -> None:
+    """Label-noise fractions in ``(0, 1]`` that mislabel at least one of ``batch`` labels."""
+    bad = [f for f in fractions if f > 1]
+    if bad:
+        raise options.UsageError(f"{flag}: the share of each batch mislabelled by label_noise "
+                                 f"must lie in (0, 1], got {', '.join(f'{f:g}' for f in bad)}")
+    none = [f for f in fractions if round(f * batch) == 0]
+    if none:
+        raise options.UsageError(f"{flag}: round(F · --batch {batch}) = 0 labels for F = "
+                                 f"{', '.join(f'{f:g}' for f in none)}: label_noise would "
+                                 f"change nothing; use F > {0.5 / batch:g} or a larger "
+                                 f"--batch")
 
 
 def check_attackers(a: argparse.Namespace) -> None:
@@ -90,7 +145,7 @@ def run(a: argparse.Namespace, make_config: Callable[[argparse.Namespace], objec
     from dicejax.experiments.anomaly import detection
 
     seeds = list(range(config.seed, config.seed + a.seeds))
-    if a.strengths is not None:
+    if a.strengths is not None or a.duties is not None:
         return run_curve(a, out, config, seeds)
     with Tracker(report.console, resumable=a.checkpoint_dir is not None) as t:
         seed_bar = t.bar("seeds", len(seeds), "seeds", noun="seed", ordinal=True)
@@ -110,7 +165,7 @@ def run(a: argparse.Namespace, make_config: Callable[[argparse.Namespace], objec
         result = detection(config, a.attack, a.attackers, a.window, seeds, a.threshold,
                            std=a.std, chunk_steps=a.chunk_steps, callback=on_seed,
                            progress=on_steps, checkpoint_dir=a.checkpoint_dir,
-                           statistic=a.statistic)
+                           statistic=a.statistic, fraction=a.fraction, on=a.on, off=a.off)
     report.console.print(detection_table(result))
     n = len(seeds)
     report.console.print(
@@ -122,29 +177,35 @@ def run(a: argparse.Namespace, make_config: Callable[[argparse.Namespace], objec
 
 
 def run_curve(a: argparse.Namespace, out: Path, config, seeds: list[int]) -> int:
-    """``--strengths``: one detection per noise standard deviation."""
+    """``--strengths`` (noise std or label-noise fraction) or ``--duties`` (duty cycle): one
+    detection per value."""
     from dicejax import report
     from dicejax.commands.progress import Tracker
     from dicejax.experiments.anomaly import strength_curve
 
+    if a.duties is not None:
+        values, sweep = a.duties, "duty"
+    else:
+        values, sweep = a.strengths, ("std" if a.attack == "gaussian_noise" else "fraction")
     with Tracker(report.console, resumable=a.checkpoint_dir is not None) as t:
-        std_bar = t.bar("strengths", len(a.strengths), "strengths", noun="strength",
+        std_bar = t.bar("strengths", len(values), "strengths", noun="strength",
                         ordinal=True)
         step_bar = t.bar("this seed", config.steps, "steps")
         current = [(0, 0)]
 
         def on_point(i, r):
-            t.update(std_bar, i + 1, info=f"std {a.strengths[i]:g}: ROC-AUC "
+            t.update(std_bar, i + 1, info=f"{sweep} {values[i]:g}: ROC-AUC "
                                           f"{r['roc_auc']['mean']:.4f}")
 
         def on_steps(i, seed, done):
             if (i, seed) != current[0]:
                 current[0] = (i, seed)
                 t.reset(step_bar)
-            t.update(step_bar, done, info=f"std {a.strengths[i]:g}, seed {seeds[seed]}")
+            t.update(step_bar, done, info=f"{sweep} {values[i]:g}, seed {seeds[seed]}")
 
-        result = strength_curve(config, a.strengths, a.attackers, a.window, seeds,
-                                a.threshold, statistic=a.statistic, chunk_steps=a.chunk_steps,
+        result = strength_curve(config, values, a.attackers, a.window, seeds, a.threshold,
+                                attack=a.attack, sweep=sweep, std=a.std, fraction=a.fraction,
+                                on=a.on, statistic=a.statistic, chunk_steps=a.chunk_steps,
                                 callback=on_point, progress=on_steps,
                                 checkpoint_dir=a.checkpoint_dir)
     report.console.print(strength_table(result))
@@ -158,43 +219,110 @@ CURVE_KEYS = (("roc_auc", "AUC"), ("precision", "prec"), ("recall", "recall"),
               ("honest_accuracy", "honest acc"))
 
 
+#: What a curve sweeps (``result["sweep"]``): (table header, what, x axis label with units).
+SWEEP_LABELS = {
+    "std": ("std", "noise strength",
+            "noise standard deviation (normalised input units, log scale)"),
+    "fraction": ("fraction", "label-noise fraction",
+                 "label_noise fraction F: share of each attacked batch mislabelled (log scale)"
+                 "\nticks: F, then labels changed / batch size"),
+    "duty": ("duty (on:off)", "duty cycle",
+             "duty cycle on / (on + off): share of steps attacked (log scale)"
+             "\nticks: duty, then attacked:honest steps per period"),
+}
+
+
+def curve_sweep(result: dict) -> str:
+    """What a strength curve swept: ``"std"`` for results written before the field."""
+    return result.get("sweep") or "std"
+
+
+def curve_attack(result: dict) -> str:
+    """The attack of a strength curve with its fixed settings, e.g. ``intermittent
+    label_noise (fraction 0.5)``."""
+    attack, sweep = result["attack"], curve_sweep(result)
+    fixed = {"gaussian_noise": f"std {result.get('std')}" if sweep != "std" else None,
+             "label_noise": f"fraction {result.get('fraction')}" if sweep != "fraction"
+             else None}.get(attack)
+    text = f"intermittent {attack}" if sweep == "duty" else attack
+    return f"{text} ({fixed})" if fixed else text
+
+
+def curve_ticks(result: dict) -> list[str]:
+    """One x tick label per strength: the value, and for a fraction the labels changed per
+    batch, for a duty cycle the on:off steps."""
+    sweep = curve_sweep(result)
+    values = result.get("strengths") or result["stds"]
+    ticks = []
+    for value, point in zip(values, result["points"], strict=True):
+        if sweep == "fraction":
+            ticks.append(f"{value:g}\n{point['mislabelled']}/{_batch(result.get('config'))}")
+        elif sweep == "duty":
+            ticks.append(f"{point['duty']:g}\n{point['on']}:{point['off']}")
+        else:
+            ticks.append(f"{value:g}")
+    return ticks
+
+
+def _batch(config: object) -> object:
+    return config.get("batch", "B") if isinstance(config, dict) else getattr(config, "batch", "B")
+
+
 def strength_table(result: dict) -> object:
-    """One row per noise standard deviation: mean ± std over seeds of each measure."""
+    """One row per strength (noise std, label-noise fraction or duty cycle): mean ± std over
+    seeds of each measure."""
     from dicejax import report
 
-    seeds = result["seeds"]
+    seeds, sweep = result["seeds"], curve_sweep(result)
+    header, what, _ = SWEEP_LABELS[sweep]
+    command = {"std": "--attack gaussian_noise --std S",
+               "fraction": "--attack label_noise --fraction F",
+               "duty": f"--attack {result['attack']} --on ON --off OFF"}[sweep]
     t = report.table(
-        f"Detection against noise strength: gaussian_noise, last {result['window']} steps "
+        f"Detection against {what}: {curve_attack(result)}, last {result['window']} steps "
         f"scored, flag z > {result['threshold']:g}, statistic {result['statistic']}, "
         f"{report.seeds_text(seeds)} — {report.config_line(result.get('config'), seeds=seeds)}",
-        caption="Each row: dicejax detect --attack gaussian_noise --std S with these seeds "
+        caption=f"Each row: dicejax detect {command} with these seeds "
                 "(mean ± std over seeds). AUC: edge-level ROC-AUC; prec(ision), recall: of "
                 "the influence rule (z > threshold); comb.: the combined detector (update "
-                "norms too); honest acc: honest nodes' mean test accuracy after the run.")
-    t.add_column("std", justify="right")
+                "norms too); honest acc: honest nodes' mean test accuracy after the run."
+                + (" scored: attacked steps among the scored window." if sweep == "duty"
+                   else ""))
+    t.add_column(header, justify="right")
+    if sweep == "duty":
+        t.add_column("scored", justify="right")
     for _, name in CURVE_KEYS:
         t.add_column(name, justify="right")
     t.add_column("time (s)", justify="right")
-    for std, point in zip(result["stds"], result["points"], strict=True):
-        t.add_row(f"{std:g}", *[report.mean_std(point[k], len(seeds)) for k, _ in CURVE_KEYS],
+    for tick, point in zip(curve_ticks(result), result["points"], strict=True):
+        lead = [tick.replace("\n", " (") + ")" if "\n" in tick else tick]
+        if sweep == "duty":
+            lead.append(str(point["attacked_steps_scored"]))
+        t.add_row(*lead, *[report.mean_std(point[k], len(seeds)) for k, _ in CURVE_KEYS],
                   f"{point['wall_seconds']:.0f}")
     return t
 
 
 def strength_figure(result: dict, path: Path) -> Path:
-    """ROC-AUC, recall (influence rule and combined) and honest accuracy against the noise
-    standard deviation (mean ± std over seeds)."""
+    """ROC-AUC, recall (influence rule and combined) and honest accuracy against what was
+    swept — noise standard deviation, label-noise fraction or duty cycle (mean ± std over
+    seeds, log x axis)."""
     import numpy as np
 
     from dicejax import report
 
-    seeds = result["seeds"]
-    title = (f"dicejax detect --strengths — gaussian_noise, last {result['window']} steps "
+    seeds, sweep = result["seeds"], curve_sweep(result)
+    _, _, xlabel = SWEEP_LABELS[sweep]
+    flag = "--duties" if sweep == "duty" else "--strengths"
+    title = (f"dicejax detect {flag} — {curve_attack(result)}, last {result['window']} steps "
              f"scored, z > {result['threshold']:g}, {report.seeds_text(seeds)}\n"
              f"{report.config_line(result.get('config'), seeds=seeds)}")
-    fig, axes = report.figure(1, 2, 11.5, 4.6, title)
+    fig, axes = report.figure(1, 2, 11.5, 4.9, title)
     qx, ax = axes[0]
-    x = np.asarray(result["stds"], float)
+    if sweep == "duty":
+        x = np.asarray([p["duty"] for p in result["points"]], float)
+    else:
+        x = np.asarray(result.get("strengths") or result["stds"], float)
 
     def curve(axis, key, label, **kw):
         m = np.array([p[key]["mean"] for p in result["points"]], float)
@@ -205,17 +333,29 @@ def strength_figure(result: dict, path: Path) -> Path:
     curve(qx, "recall", f"recall, influence rule (z > {result['threshold']:g})")
     curve(qx, "combined_recall", "recall, combined detector (+ update norms)", ls="--")
     curve(qx, "precision", "precision, influence rule", ls=":")
-    qx.set(xscale="log", xlabel="noise standard deviation (normalised input units, log)",
-           ylabel="edge-level score", ylim=(-0.03, 1.05), title="detection quality")
-    qx.legend(fontsize=7, loc="lower right")
+    qx.set(xscale="log", xlabel=xlabel, ylabel="edge-level score", ylim=(-0.03, 1.05),
+           title="detection quality")
+    qx.legend(fontsize=7, loc="best")
     curve(ax, "honest_accuracy", "honest nodes' mean test accuracy")
-    ax.set(xscale="log", xlabel="noise standard deviation (normalised input units, log)",
-           ylabel="test accuracy", title="what the attacker costs the honest nodes")
-    ax.legend(fontsize=7, loc="lower left")
+    ax.set(xscale="log", xlabel=xlabel, ylabel="test accuracy",
+           title="what the attacker costs the honest nodes")
+    ax.legend(fontsize=7, loc="best")
+    ticks = curve_ticks(result)
     for axis in (qx, ax):  # the measured strengths as the ticks, no log-scale minor labels
-        axis.set_xticks(x, [f"{v:g}" for v in x])
+        axis.set_xticks(x, ticks)
         axis.minorticks_off()
+        if len(x) == 1:  # one point: a log axis needs a span around it
+            axis.set_xlim(x[0] / 2, x[0] * 2)
     return report.save_figure(fig, path)
+
+
+def intermittent_text(result: dict, lead: str = "") -> str:
+    """``"intermittent: on 1 / off 3 steps (duty 0.25)"`` after ``lead``, or ``""`` for an
+    attacker attacking every step (and results written before intermittent attacks)."""
+    if not result.get("off"):
+        return ""
+    return (f"{lead}intermittent: on {result['on']} / off {result['off']} steps "
+            f"(duty {result['duty']:.3g})")
 
 
 def detection_table(result: dict) -> object:
@@ -224,7 +364,10 @@ def detection_table(result: dict) -> object:
 
     seeds = result["seeds"]
     extra = {"gaussian_noise": f", std {result.get('std')}",
-             "label_flip": f", target {result.get('target')}"}.get(result["attack"], "")
+             "label_flip": f", target {result.get('target')}",
+             "label_noise": f", fraction {result.get('fraction')} ({result.get('mislabelled')} "
+                            f"labels per batch)"}.get(result["attack"], "")
+    extra += intermittent_text(result, ", ")
     t = report.table(
         f"Anomaly detection: {result['attack']}{extra}, last {result['window']} steps scored, "
         f"flag z > {result['threshold']:g}, {report.seeds_text(seeds)} — "
@@ -271,7 +414,10 @@ def roc_figure(result: dict, path: Path) -> Path:
 
     seeds = result["seeds"]
     extra = {"gaussian_noise": f" (std {result.get('std')})",
-             "label_flip": f" (to class {result.get('target')})"}.get(result["attack"], "")
+             "label_flip": f" (to class {result.get('target')})",
+             "label_noise": f" (fraction {result.get('fraction')}: {result.get('mislabelled')} "
+                            f"labels per batch)"}.get(result["attack"], "")
+    extra += intermittent_text(result, ", ")
     title = (f"dicejax detect — {result['attack']}{extra}, last {result['window']} steps "
              f"scored, {report.seeds_text(seeds)}\n"
              f"{report.config_line(result.get('config'), seeds=seeds)}")

@@ -29,6 +29,9 @@ MODELS = ("mlp", "cnn", "resnet18")
 OPTIMIZERS = ("sgd", "momentum", "adam")
 PARTITIONS = ("iid", "dirichlet", "shards", "resample")
 ATTACKS = ("label_permutation", "label_flip", "gaussian_noise", "sign_flip", "free_rider")
+#: ``dicejax detect``'s attacks: :data:`ATTACKS` and partial label noise (mirrors
+#: ``dicejax.experiments.anomaly.DETECTION_ATTACKS``).
+DETECT_ATTACKS = (*ATTACKS, "label_noise")
 ARMS = ("clean", "fixed", "influence", "random", "oracle")
 ALL_ARMS = (*ARMS, "influence_t", *(f"{base}+{rule}" for base in ("fixed", "influence")
                                     for rule in ("trimmed_mean", "median", "clipped_gossip")))
