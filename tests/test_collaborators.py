@@ -435,3 +435,29 @@ def test_update_t_statistic_ranks_consistent_help_above_noisy_help():
     np.testing.assert_allclose(np.asarray(two.t_statistic())[1, [0, 2]], t2, rtol=1e-10)
     with pytest.raises(ValueError, match="statistic"):
         co.update(state, jnp.asarray(g), keep=1, statistic="median")
+
+
+@pytest.mark.slow
+def test_rewire_cli_with_an_intermittent_label_noise_attacker(tmp_path):
+    """--attack label_noise --fraction F --on K --off K reach the run: the clean arm equals
+    the fixed arm when the attack corrupts no step's labels, and the result records them."""
+    common = ["rewire", "--dataset", "digits", "--nodes", "6", "--topology", "ring",
+              "--steps", "8", "--period", "4", "--keep", "2", "--batch", "8", "--seeds", "1",
+              "--eval-every", "0", "--probe-size", "16", "--test-size", "48",
+              "--attackers", "2", "--arms", "clean,fixed"]
+    out = tmp_path / "noise"
+    assert run_rewire([*common, "--attack", "label_noise", "--fraction", "0.5", "--on", "1",
+                       "--off", "1", "--out", str(out)]) == 0
+    result = json.loads((out / "rewire.json").read_text())
+    assert (result["attack"], result["fraction"], result["on"], result["off"]) == \
+        ("label_noise", 0.5, 1, 1)
+    arms = result["per_seed"][0]["arms"]
+    assert arms["fixed"]["accuracy"] != arms["clean"]["accuracy"]  # the labels did change
+    # the every-step attacker's fixed run differs from the intermittent one's; the clean
+    # arm (no attack) is the same run
+    every = tmp_path / "every"
+    assert run_rewire([*common, "--attack", "label_noise", "--fraction", "0.5",
+                       "--out", str(every)]) == 0
+    full = json.loads((every / "rewire.json").read_text())["per_seed"][0]["arms"]
+    assert full["fixed"]["accuracy"] != arms["fixed"]["accuracy"]
+    assert full["clean"]["accuracy"] == arms["clean"]["accuracy"]

@@ -7,7 +7,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from dicejax.commands import add_command, metadata, options, prepare, save_results
-from dicejax.commands.detect import check_attackers
+from dicejax.commands.detect import check_attackers, check_fractions
 
 
 def register(subparsers, run_args: Callable[..., object],
@@ -24,8 +24,9 @@ def register(subparsers, run_args: Callable[..., object],
     out = run_args(p)
     options.add_checkpoint_arg(out if out is not None else p, "every finished seed and arm")
     g = p.add_argument_group("attack and rewiring")
-    g.add_argument("--attack", default="label_permutation", choices=options.ATTACKS,
-                   help="the attack (see dicejax detect --help)")
+    g.add_argument("--attack", default="label_permutation", choices=options.DETECT_ATTACKS,
+                   help="the attack (see dicejax detect --help; label_noise mislabels a "
+                        "--fraction of each batch)")
     g.add_argument("--attackers", type=options.attackers, default=None, metavar="IDS|random:K",
                    help="attacking node ids (e.g. 3,17) or random:K for K random attackers "
                         "per seed (default: a quarter of the nodes, at random)")
@@ -48,6 +49,14 @@ def register(subparsers, run_args: Callable[..., object],
                    help="number of seeds: --seed, --seed + 1, ...")
     g.add_argument("--std", type=options.positive_float, default=10.0, metavar="S",
                    help="noise standard deviation of --attack gaussian_noise")
+    g.add_argument("--fraction", type=options.positive_float, default=0.5, metavar="F",
+                   help="share of each attacked batch that --attack label_noise mislabels, "
+                        "in (0, 1]")
+    g.add_argument("--on", type=options.positive_int, default=1, metavar="K",
+                   help="an intermittent attacker (any --attack): attacks K steps, then is "
+                        "honest for --off steps, repeating from step 0")
+    g.add_argument("--off", type=options.non_negative_int, default=0, metavar="K",
+                   help="honest steps after every --on attacked steps (0: attacks every step)")
     p.set_defaults(fn=lambda a: run(a, make_config))
 
 
@@ -62,6 +71,8 @@ def check(a: argparse.Namespace) -> None:
         raise options.UsageError(f"--period: {a.period} must be below --steps {a.steps}")
     if a.decay > 1:
         raise options.UsageError(f"--decay: must lie in (0, 1], got {a.decay:g}")
+    if a.attack == "label_noise":
+        check_fractions([a.fraction], "--fraction", a.batch)
     check_attackers(a)
 
 
@@ -90,6 +101,7 @@ def run(a: argparse.Namespace, make_config: Callable[[argparse.Namespace], objec
 
         result = rewiring(config, a.attack, a.attackers, a.keep, a.period, seeds, arms,
                           candidates=a.candidates, stride=a.stride, decay=a.decay, std=a.std,
+                          fraction=a.fraction, on=a.on, off=a.off,
                           progress=on_progress, checkpoint_dir=a.checkpoint_dir)
     report.console.print(rewire_table(result))
     if "gain" in result and "influence" in result["gain"]:
@@ -101,6 +113,19 @@ def run(a: argparse.Namespace, make_config: Callable[[argparse.Namespace], objec
             f"{_signed(g, len(seeds))} (higher in {wins} of {report.seeds_text(seeds)}); "
             f"{result['wall_seconds']:.0f} s")
     return save_results(out, "rewire", result, {"rewire.png": rewire_figure}, metadata(a))
+
+
+def attack_text(result: dict) -> str:
+    """The attack with its strength, e.g. ``label_noise (fraction 0.25), on 1 / off 3
+    steps`` (results written before the adaptive options read as before)."""
+    text = result["attack"]
+    if result.get("fraction") is not None:
+        text += f" (fraction {result['fraction']:g})"
+    elif result.get("std") is not None:
+        text += f" (std {result['std']:g})"
+    if result.get("off"):
+        text += f", on {result['on']} / off {result['off']} steps"
+    return text
 
 
 def _signed(stat: dict, count: int) -> str:
@@ -127,7 +152,7 @@ def rewire_table(result: dict) -> object:
     seeds = result["seeds"]
     n = len(seeds)
     t = report.table(
-        f"Rewiring under {result['attack']}: keep {result['keep']} of {result['candidates']} "
+        f"Rewiring under {attack_text(result)}: keep {result['keep']} of {result['candidates']} "
         f"candidates, every {result['period']} steps, {report.seeds_text(seeds)} — "
         f"{report.config_line(result.get('config'), seeds=seeds)}",
         caption="honest acc: honest nodes' mean test accuracy after the run"
@@ -162,7 +187,7 @@ def rewire_figure(result: dict, path: Path) -> Path:
     arms = result["arms"]
     per_seed = result["per_seed"]
     seeds = result["seeds"]
-    title = (f"dicejax rewire — {result['attack']}, keep {result['keep']} of "
+    title = (f"dicejax rewire — {attack_text(result)}, keep {result['keep']} of "
              f"{result['candidates']}, every {result['period']} steps, "
              f"{report.seeds_text(seeds)}\n"
              f"{report.config_line(result.get('config'), seeds=seeds)}")

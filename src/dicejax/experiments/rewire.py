@@ -43,7 +43,12 @@ import numpy as np
 
 from dicejax import robust
 from dicejax.apps import collaborators
-from dicejax.experiments.anomaly import ATTACKS, apply_attack, corruption_for
+from dicejax.experiments.anomaly import (
+    DETECTION_ATTACKS,
+    apply_attack,
+    corruption_for,
+    intermittent_steps,
+)
 from dicejax.experiments.common import (
     ResultStore,
     RunConfig,
@@ -99,6 +104,9 @@ def rewiring(
     decay: float = 1.0,
     std: float = 10.0,
     target: int = 0,
+    fraction: float = 0.5,
+    on: int = 1,
+    off: int = 0,
     dtype: Any = None,
     callback: Callable[[int, dict], None] | None = None,
     progress: Callable[[int, str, int], None] | None = None,
@@ -113,7 +121,8 @@ def rewiring(
       config: the run (``config.seed`` is replaced by each seed). The paper-like setting:
         ``RunConfig(dataset="fashion_mnist", nodes=32, topology="exponential", model="mlp",
         lr=0.1, batch=16, samples_per_node=512)``.
-      attack: one of :data:`dicejax.experiments.anomaly.ATTACKS`.
+      attack: one of :data:`dicejax.experiments.anomaly.DETECTION_ATTACKS` (with the
+        adaptive ``label_noise``).
       attackers: node indices, or a count drawn at random per seed (default: a quarter of
         the nodes).
       keep: in-neighbours each node keeps (rewired arms; default: the starting graph's
@@ -128,6 +137,9 @@ def rewiring(
       decay: per-step discount of older influence (``influence`` arm).
       std: noise standard deviation for ``gaussian_noise``.
       target: class for ``label_flip``.
+      fraction: share of each attacked batch ``label_noise`` mislabels, in ``(0, 1]``.
+      on, off: an intermittent attacker attacks ``on`` steps, then is honest for ``off``
+        (:func:`dicejax.experiments.anomaly.intermittent_steps`; default every step).
       dtype: float dtype (default float32).
       callback: called after each seed with ``(index, per-seed result)``.
       progress: called with ``(seed index, arm, steps done)`` as each arm trains (after each
@@ -141,8 +153,9 @@ def rewiring(
       weights ``[n, n]``, wall seconds); per arm ``accuracy`` and ``attacker_weight``
       summarised over seeds, and ``gain`` (``influence − fixed`` accuracy, paired by seed).
     """
-    if attack not in ATTACKS:
-        raise ValueError(f"attack: must be one of {ATTACKS}, got {attack!r}")
+    if attack not in DETECTION_ATTACKS:
+        raise ValueError(f"attack: must be one of {DETECTION_ATTACKS}, got {attack!r}")
+    intermittent_steps(config.steps, on, off)  # validates on and off before any work
     arms = list(arms)
     if not arms or any(a not in ALL_ARMS for a in arms) or len(set(arms)) != len(arms):
         raise ValueError(f"arms: must be distinct names from {ALL_ARMS}, got {arms!r}")
@@ -161,21 +174,26 @@ def rewiring(
     if attackers is None:
         attackers = max(1, config.nodes // 4)
     pick_attackers(attackers, config.nodes, 0)  # validate before any work
-    corruption = corruption_for(attack, std, target)
+    corruption = corruption_for(attack, std, target, fraction)
     optimizer = cached_optimizer(config.optimizer, config.lr)
+    # the adaptive options join the run's identity only where used (older folders resume)
+    adaptive = {k: v for k, v in (("fraction", fraction if attack == "label_noise" else None),
+                                  ("on", on if off else None), ("off", off or None))
+                if v is not None}
     store = None
     if checkpoint_dir is not None:
         store = ResultStore(checkpoint_dir, {
             "experiment": "rewiring", "config": dataclasses.asdict(config), "attack": attack,
             "attackers": attackers, "keep": keep, "period": period, "candidates": candidates,
             "stride": stride, "decay": decay, "std": std, "target": target,
-            "dtype": None if dtype is None else np.dtype(dtype).name})
+            "dtype": None if dtype is None else np.dtype(dtype).name,
+            **adaptive})
     start = time.perf_counter()
     per_seed = []
     for i, seed in enumerate(seeds):
         cfg = dataclasses.replace(config, seed=int(seed))
         result = _one_seed(cfg, attack, corruption, attackers, keep, period, arms, candidates,
-                           stride, decay, dtype, optimizer, store=store,
+                           stride, decay, dtype, optimizer, store=store, on=on, off=off,
                            progress=None if progress is None else
                            (lambda arm, done, i=i: progress(i, arm, done)))
         per_seed.append(result)
@@ -186,6 +204,8 @@ def rewiring(
         "candidates": candidates, "stride": stride, "decay": decay,
         "std": std if attack == "gaussian_noise" else None,
         "target": target if attack == "label_flip" else None,
+        "fraction": fraction if attack == "label_noise" else None,
+        "on": on, "off": off,
         "seeds": seeds, "arms": arms, "per_seed": per_seed,
         "accuracy": {a: summarize([r["arms"][a]["accuracy"] for r in per_seed]) for a in arms},
         "attacker_weight": {a: summarize([r["arms"][a]["attacker_weight"] for r in per_seed])
@@ -222,7 +242,8 @@ def attacker_weight(schedule: jax.Array, attackers: Sequence[int]) -> np.ndarray
 
 def _one_seed(config: RunConfig, attack: str, corruption, attackers, keep: int, period: int,
               arms: Sequence[str], candidates: str, stride: int, decay: float, dtype: Any,
-              optimizer, store: ResultStore | None = None, progress=None) -> dict:
+              optimizer, store: ResultStore | None = None, progress=None, on: int = 1,
+              off: int = 0) -> dict:
     n, T = config.nodes, config.steps
     chosen = pick_attackers(attackers, n, config.seed)
     results = {}
@@ -239,7 +260,8 @@ def _one_seed(config: RunConfig, attack: str, corruption, attackers, keep: int, 
         return {"seed": config.seed, "attackers": chosen, "arms": results}
     setup = build(config, dtype)._replace(optimizer=optimizer)
     clean_batches = setup.batches  # [T, n, B, ...]: rewire() takes the whole run
-    batches, scale = apply_attack(setup, attack, corruption, chosen, config.seed)
+    batches, scale = apply_attack(setup, attack, corruption, chosen, config.seed, on=on,
+                                  off=off)
     honest = np.setdiff1d(np.arange(n), chosen)
     matrix = jnp.asarray(setup.topology.matrix)
     pool = ~jnp.eye(n, dtype=bool) if candidates == "all" else None
