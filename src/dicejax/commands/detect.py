@@ -49,16 +49,7 @@ def register(subparsers, run_args: Callable[..., object],
     g.add_argument("--std", type=options.positive_float, default=10.0, metavar="S",
                    help="noise standard deviation of --attack gaussian_noise (normalised "
                         "input units; the paper's variance 100 is 10)")
-    g.add_argument("--fraction", type=options.positive_float, default=0.5, metavar="F",
-                   help="share of each attacked batch that --attack label_noise mislabels, "
-                        "in (0, 1]: round(F·B) labels, each set to a uniformly random wrong "
-                        "class; at least one label (F·B > 0.5)")
-    g.add_argument("--on", type=options.positive_int, default=1, metavar="K",
-                   help="an intermittent attacker (any --attack): attacks K steps, then is "
-                        "honest for --off steps, repeating from step 0")
-    g.add_argument("--off", type=options.non_negative_int, default=0, metavar="K",
-                   help="honest steps after every --on attacked steps (0: attacks every "
-                        "step); duty cycle = on/(on+off)")
+    options.add_adaptive_args(g)
     g.add_argument("--strengths", type=options.positive_floats, default=None,
                    metavar="S,S,...",
                    help="a strength curve: one detection per value (same seeds and "

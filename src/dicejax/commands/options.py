@@ -308,6 +308,21 @@ def add_checkpoint_arg(group: Any, what: str = "after every chunk") -> None:
                             "from it (default: no checkpoints)")
 
 
+def add_adaptive_args(group: Any) -> None:
+    """Adds the adaptive attacker's ``--fraction`` (``label_noise``) and ``--on`` / ``--off``
+    (intermittent attacks) to a parser or argument group."""
+    group.add_argument("--fraction", type=positive_float, default=0.5, metavar="F",
+                       help="share of each attacked batch that --attack label_noise "
+                            "mislabels, in (0, 1]: round(F·B) labels, each set to a uniformly "
+                            "random wrong class; at least one label (F·B > 0.5)")
+    group.add_argument("--on", type=positive_int, default=1, metavar="K",
+                       help="an intermittent attacker (any --attack): attacks K steps, then "
+                            "is honest for --off steps, repeating from step 0")
+    group.add_argument("--off", type=non_negative_int, default=0, metavar="K",
+                       help="honest steps after every --on attacked steps (0: attacks every "
+                            "step); duty cycle = on/(on+off)")
+
+
 def run_config(a: argparse.Namespace):
     """The :class:`~dicejax.experiments.common.RunConfig` of parsed options."""
     from dicejax.experiments.common import RunConfig

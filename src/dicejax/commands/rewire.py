@@ -49,14 +49,7 @@ def register(subparsers, run_args: Callable[..., object],
                    help="number of seeds: --seed, --seed + 1, ...")
     g.add_argument("--std", type=options.positive_float, default=10.0, metavar="S",
                    help="noise standard deviation of --attack gaussian_noise")
-    g.add_argument("--fraction", type=options.positive_float, default=0.5, metavar="F",
-                   help="share of each attacked batch that --attack label_noise mislabels, "
-                        "in (0, 1]")
-    g.add_argument("--on", type=options.positive_int, default=1, metavar="K",
-                   help="an intermittent attacker (any --attack): attacks K steps, then is "
-                        "honest for --off steps, repeating from step 0")
-    g.add_argument("--off", type=options.non_negative_int, default=0, metavar="K",
-                   help="honest steps after every --on attacked steps (0: attacks every step)")
+    options.add_adaptive_args(g)
     p.set_defaults(fn=lambda a: run(a, make_config))
 
 
