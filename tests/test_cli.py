@@ -151,6 +151,22 @@ def test_align_checkpoint_dir_resumes_scored_steps(tmp_path, capsys):
         (["detect", "--strengths", "1,3"], "--strengths"),  # needs gaussian_noise
         (["detect", "--attack", "gaussian_noise", "--strengths", "1,-3"], "--strengths"),
         (["detect", "--attack", "gaussian_noise", "--strengths", "1,,3"], "--strengths"),
+        (["detect", "--attack", "label_noise", "--fraction", "1.5"], "--fraction"),
+        (["detect", "--attack", "label_noise", "--fraction", "0"], "--fraction"),
+        (["detect", "--attack", "label_noise", "--batch", "16", "--fraction", "0.01"],
+         "--fraction"),
+        (["detect", "--attack", "label_noise", "--strengths", "0.5,2"], "--strengths"),
+        (["detect", "--attack", "label_noise", "--batch", "8", "--strengths", "0.05,1"],
+         "--strengths"),
+        (["detect", "--attack", "sign_flip", "--strengths", "0.5"], "--strengths"),
+        (["detect", "--duties", "0.5,1.5"], "--duties"),
+        (["detect", "--duties", "0,0.5"], "--duties"),
+        (["detect", "--attack", "gaussian_noise", "--duties", "0.5", "--strengths", "1"],
+         "--duties"),
+        (["detect", "--duties", "0.5", "--off", "3"], "--off"),
+        (["detect", "--on", "0"], "--on"),
+        (["detect", "--off", "-1"], "--off"),
+        (["detect", "--attack", "label-noise"], "--attack"),
         (["rewire", "--nodes", "8", "--keep", "8"], "--keep"),
         (["rewire", "--steps", "20", "--period", "20"], "--period"),
         (["rewire", "--arms", "fixed,magic"], "--arms"),
@@ -176,6 +192,7 @@ def test_bad_option_is_refused_before_any_work(tmp_path, capsys, argv, flag):
     printed = printed_text(capsys)
     assert "error" in printed and flag in printed, printed
     assert "Traceback" not in printed
+    assert not out.exists() or not any(out.glob("*.json"))  # no work was done
     assert not out.exists() or not any(out.iterdir())  # nothing written
 
 

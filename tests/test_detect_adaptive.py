@@ -191,33 +191,6 @@ def printed_text(capsys) -> str:
     return " ".join((captured.out + " " + captured.err).split())
 
 
-@pytest.mark.parametrize(("argv", "flag"), [
-    (["--attack", "label_noise", "--fraction", "1.5"], "--fraction"),
-    (["--attack", "label_noise", "--fraction", "0"], "--fraction"),
-    (["--attack", "label_noise", "--batch", "16", "--fraction", "0.01"], "--fraction"),
-    (["--attack", "label_noise", "--strengths", "0.5,2"], "--strengths"),
-    (["--attack", "label_noise", "--batch", "8", "--strengths", "0.05,1"], "--strengths"),
-    (["--attack", "sign_flip", "--strengths", "0.5"], "--strengths"),
-    (["--duties", "0.5,1.5"], "--duties"),
-    (["--duties", "0,0.5"], "--duties"),
-    (["--attack", "gaussian_noise", "--duties", "0.5", "--strengths", "1"], "--duties"),
-    (["--duties", "0.5", "--off", "3"], "--off"),
-    (["--on", "0"], "--on"),
-    (["--off", "-1"], "--off"),
-    (["--attack", "label-noise"], "--attack"),
-])
-def test_bad_adaptive_flags_exit_2_naming_the_flag(tmp_path, capsys, argv, flag):
-    try:
-        code = main(["detect", *argv, "--out", str(tmp_path / "out")])
-    except SystemExit as e:  # argparse: types and choices
-        code = e.code
-    assert code == options.EXIT_USAGE
-    printed = printed_text(capsys)
-    assert "error" in printed and flag in printed, printed
-    assert "Traceback" not in printed
-    assert not (tmp_path / "out" / "detect.json").exists()
-
-
 def test_cli_intermittent_label_noise_and_duty_curve(tmp_path):
     one = tmp_path / "one"
     argv = ["detect", *TINY_ARGS, "--attack", "label_noise", "--fraction", "0.25", "--on", "1",
