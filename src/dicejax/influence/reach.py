@@ -366,13 +366,7 @@ def last_hop(cot: tuple[PyTree, PyTree], tangent: NodeState, nodes: jax.Array,
     n, width = jax.tree.leaves(cot)[0].shape[:2]
     every = n <= 4 * nodes.shape[0]
     rows = cot if every else _take(cot, nodes)  # [n or M_r, D, ...]
-    gram = 0.0  # [n or M_r, D, M_{r-1}]
-    for c, x in zip(jax.tree.leaves(rows), jax.tree.leaves((tangent.params, tangent.opt_state)),
-                    strict=True):
-        if x.dtype == jax.dtypes.float0 or not jnp.issubdtype(x.dtype, jnp.inexact):
-            continue
-        gram = gram + jnp.einsum("kdp,mp->kdm", c.reshape((*c.shape[:2], -1)),
-                                 x.reshape(size, -1))
+    gram = _gram(rows, (tangent.params, tangent.opt_state), 2, 1)  # [n or M_r, D, M_{r-1}]
     which = jnp.minimum(nodes, n - 1) if every else jnp.arange(nodes.shape[0])
     picked = gram[which[:, None], jnp.arange(width)[None], jnp.minimum(src_pos, size - 1)]
     return jnp.sum(jnp.where(src_pos < size, picked, 0), axis=1)
