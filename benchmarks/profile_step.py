@@ -25,20 +25,31 @@ the same data, interleaved over repeats (median):
 
 Every row prints ms/step, GFLOP/s (model FLOPs), GB/s (XLA's ``bytes accessed``) and the
 roofline bound ``max(FLOPs / peak, bytes / bandwidth)`` (with the 16 MiB bandwidth).
-Optionally dumps the optimised HLO of the step (``--dump DIR``). JSON to
+Optionally dumps the optimised HLO of the step (``--dump DIR``). ``--ops K`` adds the time
+of every XLA operation of the library step (dense mixer, scanned as :func:`dicejax.simulate`
+scans it: fully unrolled chunks of :data:`~dicejax.simulate.CONV_UNROLL` steps for a model
+with a convolution on the CPU), from a ``jax.profiler`` trace: the ``K`` costliest, each with
+its shape and the model operation it comes from (``op_profile``). JSON to
 ``benchmarks/results/profile_step.json``.
 
 Usage::
 
     python benchmarks/profile_step.py [--model mlp] [--nodes 16] [--batch 32] [--repeats 7]
+    python benchmarks/profile_step.py --model cnn --nodes 16 --batch 16 --steps 8 --ops 20
 """
 
 from __future__ import annotations
 
 import argparse
+import collections
 import functools
+import gzip
+import json
+import re
 import statistics
 import sys
+import tempfile
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -61,6 +72,7 @@ from benchmarks.bench_simulate import (
     make_model,
 )
 from dicejax import mixing
+from dicejax.simulate import auto_unroll
 from dicejax.simulator import atc, consensus_distance, node_finite
 
 try:
@@ -103,6 +115,61 @@ def _cost(fn, *args) -> dict:
         return {"flops": None, "bytes": None}
 
 
+def op_profile(jitted: Any, fargs: tuple, steps: int, repeats: int) -> dict:
+    """Time per XLA operation of ``jitted(*fargs)`` from a ``jax.profiler`` trace.
+
+    The call runs once to warm up, then ``repeats`` times under the profiler; every
+    operation event of the call's module (the trace's ``hlo_module`` and ``hlo_op``) is summed
+    and divided by ``repeats * steps``. XLA:CPU may run independent operations on its threads
+    at once, so the sum of the operations can exceed the wall time.
+
+    Args:
+      jitted: a ``jax.jit`` function.
+      fargs: its arguments.
+      steps: training steps per call (the per-step divisor).
+      repeats: profiled calls.
+
+    Returns:
+      ``{"wall_s_per_step", "ops_s_per_step", "ops": [...]}``, the operations costliest
+      first, each ``{"op", "s_per_step", "share", "shape", "source"}`` (``share`` of the sum
+      of operations; ``source`` the ``op_name`` metadata XLA keeps, e.g.
+      ``.../transpose(jvp(CNN))/Conv_1/dot_general`` for a backward product).
+    """
+    text = jitted.lower(*fargs).compile().as_text()
+    module = re.match(r"HloModule (\S+?),", text).group(1)
+    meta = {}
+    containers = set()  # while/call/conditional: their time is their body's operations
+    for m in re.finditer(r"^\s+(?:ROOT )?%?([\w.\-]+) = (.+?) ([a-z][\w\-]*)\((.*)$", text,
+                         re.M):
+        if m.group(3) in ("while", "call", "conditional"):
+            containers.add(m.group(1))
+        src = re.search(r'op_name="([^"]+)"', m.group(4))
+        meta.setdefault(m.group(1), (m.group(2), src.group(1) if src else ""))
+    jax.block_until_ready(jitted(*fargs))
+    with tempfile.TemporaryDirectory() as d:
+        tic = time.perf_counter()
+        with jax.profiler.trace(d, create_perfetto_trace=True):
+            for _ in range(repeats):
+                jax.block_until_ready(jitted(*fargs))
+        wall = (time.perf_counter() - tic) / (repeats * steps)
+        trace = next(Path(d).rglob("perfetto_trace.json.gz"))
+        events = json.load(gzip.open(trace))
+    events = events["traceEvents"] if isinstance(events, dict) else events
+    total: dict[str, float] = collections.defaultdict(float)
+    for e in events:
+        a = e.get("args") or {}
+        if (e.get("ph") == "X" and a.get("hlo_module") == module and "hlo_op" in a
+                and a["hlo_op"] not in containers):
+            total[a["hlo_op"]] += e["dur"] * 1e-6 / (repeats * steps)
+    ops_sum = sum(total.values())
+    ops = [{"op": k, "s_per_step": v, "share": v / ops_sum if ops_sum else None,
+            "shape": meta.get(k, ("?", ""))[0],
+            "source": re.sub(r"^jit\([^)]*\)/(while/body/)?(closed_call/)?", "",
+                             meta.get(k, ("", ""))[1])}
+           for k, v in sorted(total.items(), key=lambda kv: -kv[1])]
+    return {"wall_s_per_step": wall, "ops_s_per_step": ops_sum, "ops": ops}
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default="mlp")
@@ -112,6 +179,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                    help="T per timed call (default min(20, max(4, 640 // n)))")
     p.add_argument("--repeats", type=int, default=7)
     p.add_argument("--dump", type=Path, default=None, help="write the step's optimised HLO")
+    p.add_argument("--ops", type=int, default=0, metavar="K",
+                   help="also profile the library step per XLA operation; print the K "
+                        "costliest (default 0: off)")
     p.add_argument("--out", type=Path, default=DEFAULT_OUT)
     args = p.parse_args(argv)
     console = Console(width=max(140, Console().width))
@@ -282,15 +352,41 @@ def main(argv: Sequence[str] | None = None) -> int:
         hlo = run_step.lower(state0, batches, dense).compile().as_text()
         (args.dump / f"step_{args.model}_n{n}_dense.hlo.txt").write_text(hlo)
         console.print(f"wrote {args.dump}")
+    ops = None
+    if args.ops:
+        sim = atc(loss_fn, opt, dense, consensus=False, finite=False)
+        unroll = auto_unroll(sim, state0, batches, jax.default_backend())
+        k = unroll or T
+
+        @jax.jit
+        def chunk(state, batches):  # as simulate runs it: unrolled chunks for a CNN on CPU
+            return jax.lax.scan(lambda s, b: (step(dense, s, b), None), state, batches,
+                                unroll=bool(unroll) or 1)[0].params
+
+        part = jax.tree.map(lambda x: x[:k], batches)
+        ops = op_profile(chunk, (state0, part), k, args.repeats)
+        console.print(ops_table(ops, args.ops))
     result = {"benchmark": "profile_step", "machine": machine, "peak": peak,
               "bandwidth_gbs": bw, "bandwidth_16mib_gbs": bw_l3,
               "settings": vars(args) | {"out": str(args.out), "dump": str(args.dump)},
-              "params_per_node": p_node, "rows": out_rows,
+              "params_per_node": p_node, "rows": out_rows, "op_profile": ops,
               "load_average_end": common.load_average()}
     common.write_json(args.out, result)
     console.print(f"load avg {machine['load_average'][0]:.1f} -> "
                   f"{result['load_average_end'][0]:.1f}; wrote {args.out}")
     return 0
+
+
+def ops_table(ops: dict, top: int) -> Table:
+    """The ``top`` costliest operations of :func:`op_profile` as a table."""
+    table = Table(title=f"XLA operations of one library step: {ops['ops_s_per_step'] * 1e3:.1f} "
+                        f"ms of operations, {ops['wall_s_per_step'] * 1e3:.1f} ms wall per step")
+    for c in ("operation", "ms / step", "share", "shape", "from"):
+        table.add_column(c, justify="right" if c in ("ms / step", "share") else "left")
+    for o in ops["ops"][:top]:
+        table.add_row(escape(o["op"]), f"{o['s_per_step'] * 1e3:.2f}",
+                      f"{100 * o['share']:.1f}%", escape(o["shape"]), escape(o["source"]))
+    return table
 
 
 if __name__ == "__main__":
