@@ -81,6 +81,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="time the exact forms twice (compiled, then warm) up to this n, "
                         "once (compilation included) above")
     p.add_argument("--out", default=str(RESULTS_DIR / "bench_contribution.json"))
+    p.add_argument("--summarize", nargs="+", default=None, metavar="JSON",
+                   help="print the per-setting summary of earlier agreement results "
+                        "(one or more JSON files) and exit")
     return p.parse_args(argv)
 
 
@@ -91,6 +94,64 @@ def correlations(x, y) -> dict:
     ok = x.std() > 0 and y.std() > 0
     return {"pearson": float(np.corrcoef(x, y)[0, 1]) if ok else float("nan"),
             "spearman": spearman(x, y)}
+
+
+PAIRS = (("estimate_vs_loo", "est~LOO"), ("estimate_vs_shapley", "est~Shapley"),
+         ("loo_vs_shapley", "LOO~Shapley"))
+
+
+def summarize(rows: list[dict]) -> list[dict]:
+    """Per (dataset, setting) over the seeds of the agreement rows: for each correlation of
+    :data:`PAIRS` the mean, standard deviation and minimum of Pearson and Spearman; the mean
+    ``Σ est / Σ LOO`` and the mean seconds of each form. Skipped rows are counted apart."""
+    groups: dict[tuple, list[dict]] = {}
+    for r in rows:
+        groups.setdefault((r.get("dataset", "digits"), r["setting"], r["steps"]), []).append(r)
+    out = []
+    for (dataset, setting, steps), rs in groups.items():
+        done = [r for r in rs if "skipped" not in r]
+        row = {"dataset": dataset, "setting": setting, "steps": steps, "seeds": len(done),
+               "skipped": len(rs) - len(done)}
+        for key, _ in PAIRS:
+            for stat in ("pearson", "spearman"):
+                v = np.array([r[key][stat] for r in done], np.float64)
+                row[f"{key}_{stat}"] = {"mean": float(np.mean(v)) if v.size else None,
+                                        "sd": float(np.std(v, ddof=1)) if v.size > 1 else None,
+                                        "min": float(np.min(v)) if v.size else None}
+        for key in ("sum_ratio_estimate_over_loo", "estimate_seconds", "leave_one_out_seconds",
+                    "shapley_seconds", "shapley_max_stderr"):
+            v = [r[key] for r in done]
+            row[key] = float(np.mean(v)) if v else None
+        out.append(row)
+    return out
+
+
+def print_summary(summary: list[dict]) -> None:
+    """The :func:`summarize` rows as a table (mean ± sd over seeds, minimum in brackets)."""
+    from rich.console import Console
+    from rich.table import Table
+
+    def cell(d):
+        if d["mean"] is None:
+            return "-"
+        sd = f"±{d['sd']:.2f}" if d["sd"] is not None else ""
+        return f"{d['mean']:.2f}{sd} ({d['min']:.2f})"
+
+    table = Table(title="Contribution estimate against leave-one-out and Shapley: "
+                        "Spearman (S) / Pearson (P), mean ± sd over seeds (min)")
+    for c in ("data", "setting", "T", "seeds", *(f"{lab} S" for _, lab in PAIRS),
+              *(f"{lab} P" for _, lab in PAIRS), "Σest/ΣLOO", "s: est / LOO / Shapley"):
+        table.add_column(c)
+    for r in summary:
+        secs = " / ".join("-" if r[k] is None else f"{r[k]:.0f}" for k in
+                          ("estimate_seconds", "leave_one_out_seconds", "shapley_seconds"))
+        ratio = "-" if r["sum_ratio_estimate_over_loo"] is None \
+            else f"{r['sum_ratio_estimate_over_loo']:.2f}"
+        table.add_row(r["dataset"], r["setting"], str(r["steps"]),
+                      f"{r['seeds']}" + (f" +{r['skipped']} skipped" if r["skipped"] else ""),
+                      *(cell(r[f"{k}_spearman"]) for k, _ in PAIRS),
+                      *(cell(r[f"{k}_pearson"]) for k, _ in PAIRS), ratio, secs)
+    Console(width=240).print(table)
 
 
 def setting_config(args, setting: dict, seed: int):
@@ -295,6 +356,12 @@ def cost_at(n: int, args) -> dict:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    if args.summarize:
+        import json
+
+        rows = [r for f in args.summarize for r in json.loads(Path(f).read_text())["agreement"]]
+        print_summary(summarize(rows))
+        return 0
     jax.config.update("jax_enable_x64", True)
     result = {"machine": machine_info(), "git": git_state(), "load_start": load_average(),
               "args": vars(args)}
@@ -304,6 +371,8 @@ def main(argv=None) -> int:
             write_json(Path(args.out), result)
 
         result["agreement"] = agreement(args, done)
+        result["agreement_summary"] = summarize(result["agreement"])
+        print_summary(result["agreement_summary"])
     if args.part == "curvature":
         def keep(rows):
             result["curvature"] = rows

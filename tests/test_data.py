@@ -315,6 +315,24 @@ def test_partition_dirichlet(digits: dd.Dataset) -> None:
         dd.partition_dirichlet(y, 8, alpha=0.5, min_size=1000)
 
 
+def test_partition_by_name_redraws_dirichlet_below_min_size(digits: dd.Dataset) -> None:
+    y = digits.y_train
+    # seed 1: the first draw of this split leaves a node below one batch of 16 (the
+    # experiments used to stop there); with min_size it is redrawn
+    first = dd.partition("dirichlet", y, 16, alpha=0.3, seed=1)
+    assert min(p.size for p in first) < 16
+    parts = dd.partition("dirichlet", y, 16, alpha=0.3, seed=1, min_size=16)
+    assert min(p.size for p in parts) >= 16
+    assert _assert_disjoint(parts).size == y.size
+    direct = dd.partition_dirichlet(y, 16, alpha=0.3, seed=1, min_size=16)
+    assert all(np.array_equal(a, b) for a, b in zip(parts, direct, strict=True))
+    # a seed whose first draw qualifies keeps its split whatever min_size
+    ok = dd.partition("dirichlet", y, 16, alpha=0.3, seed=0)
+    assert min(p.size for p in ok) >= 16
+    same = dd.partition("dirichlet", y, 16, alpha=0.3, seed=0, min_size=16)
+    assert all(np.array_equal(a, b) for a, b in zip(ok, same, strict=True))
+
+
 def test_partition_shards(digits: dd.Dataset) -> None:
     y = digits.y_train
     parts = dd.partition_shards(y, 10, shards_per_node=2, seed=0)

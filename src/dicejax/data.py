@@ -788,6 +788,7 @@ def partition(
     samples_per_node: int | None = None,
     alpha: float = 0.5,
     shards_per_node: int = 2,
+    min_size: int = 1,
 ) -> list[np.ndarray]:
     """Split the train set over nodes by name.
 
@@ -801,6 +802,11 @@ def partition(
         samples_per_node: see :func:`partition_iid`.
         alpha: see :func:`partition_dirichlet`.
         shards_per_node: see :func:`partition_shards`.
+        min_size: for ``'dirichlet'``, the draw is repeated until every node holds at least
+            this many samples (:func:`partition_dirichlet`); the experiments pass one batch,
+            so that every seed gives a split a run can use. The first draw that qualifies is
+            kept, so a seed whose first draw already qualifies gives the same split whatever
+            ``min_size``. Ignored by the other kinds (their parts are of equal size).
 
     Returns:
         ``n`` int64 index arrays into the train set.
@@ -808,7 +814,7 @@ def partition(
     if kind == "iid":
         return partition_iid(labels, num_nodes, samples_per_node=samples_per_node, seed=seed)
     if kind == "dirichlet":
-        return partition_dirichlet(labels, num_nodes, alpha=alpha, seed=seed)
+        return partition_dirichlet(labels, num_nodes, alpha=alpha, seed=seed, min_size=min_size)
     if kind == "shards":
         return partition_shards(labels, num_nodes, shards_per_node=shards_per_node, seed=seed)
     raise ValueError(f"kind: unknown partition {kind!r}; choose 'iid', 'dirichlet' or 'shards'")

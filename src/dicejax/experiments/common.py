@@ -58,7 +58,8 @@ class RunConfig:
       partition: ``iid`` | ``dirichlet`` | ``shards`` | ``resample`` (the DICE reference
         code's mode: every epoch each node redraws its samples with replacement).
       samples_per_node: local data set size (default: train size // n; the paper uses 512).
-      alpha: Dirichlet concentration for ``partition="dirichlet"``.
+      alpha: Dirichlet concentration for ``partition="dirichlet"`` (the split is redrawn
+        until every node holds at least one batch).
       seed: seeds data order, partition and initialisation.
       same_init: every node starts from the same initial parameters (``False``: each node
         is initialised independently, as in the DICE authors' reference code).
@@ -340,7 +341,8 @@ def build(config: RunConfig, dtype: Any = None) -> Setup:
     resample = config.partition == "resample"
     kind = "iid" if resample else config.partition
     parts = data_lib.partition(kind, ds.y_train, n, seed=config.seed,
-                               samples_per_node=config.samples_per_node, alpha=config.alpha)
+                               samples_per_node=config.samples_per_node, alpha=config.alpha,
+                               min_size=config.batch)
     source = stream_source(ds.x_train, ds.y_train, parts, config.batch, seed=config.seed,
                            resample=resample,
                            samples_per_node=config.samples_per_node if resample else None)

@@ -120,7 +120,7 @@ def _seed_setup(config: RunConfig, ds: data_lib.Dataset, seed: int, val_size: in
     resample = config.partition == "resample"
     parts = data_lib.partition("iid" if resample else config.partition, y_tr, config.nodes,
                                seed=seed, samples_per_node=config.samples_per_node,
-                               alpha=config.alpha)
+                               alpha=config.alpha, min_size=config.batch)
     model = model_lib.get_model(config.model, ds.num_classes)
     params = model_lib.init_params(model, jax.random.PRNGKey(seed), ds.input_shape,
                                    num_nodes=config.nodes, same_init=config.same_init,
