@@ -77,6 +77,17 @@ def test_run_config_accepts_known_choices(optimizer, partition):
     assert config.optimizer == optimizer and config.partition == partition
 
 
+def test_build_redraws_dirichlet_splits_and_names_the_flags_when_it_cannot():
+    # digits, 16 nodes, alpha 0.3, seed 1: the first draw leaves a node with 12 images,
+    # which used to stop the run ("fewer than batch_size"); now it is redrawn
+    setup = build(tiny(nodes=16, partition="dirichlet", alpha=0.3, seed=1, batch=16))
+    batch = setup.source(0, 1)
+    assert batch["x"].shape[:3] == (1, 16, 16)
+    for bad in (dict(nodes=64, alpha=0.01), dict(nodes=100, alpha=0.3)):  # skew; too many
+        with pytest.raises(ValueError, match=r"--alpha.*--batch.*--nodes"):
+            build(tiny(partition="dirichlet", batch=16, **bad))
+
+
 def test_run_config_is_frozen():
     with pytest.raises(dataclasses.FrozenInstanceError):
         tiny().nodes = 5

@@ -340,9 +340,17 @@ def build(config: RunConfig, dtype: Any = None) -> Setup:
     n = config.nodes
     resample = config.partition == "resample"
     kind = "iid" if resample else config.partition
-    parts = data_lib.partition(kind, ds.y_train, n, seed=config.seed,
-                               samples_per_node=config.samples_per_node, alpha=config.alpha,
-                               min_size=config.batch)
+    try:
+        parts = data_lib.partition(kind, ds.y_train, n, seed=config.seed,
+                                   samples_per_node=config.samples_per_node,
+                                   alpha=config.alpha, min_size=config.batch)
+    except ValueError as e:
+        if kind != "dirichlet" or "min_size" not in str(e):
+            raise
+        raise ValueError(
+            f"partition: no Dirichlet(alpha={config.alpha}) split of the {ds.y_train.size} "
+            f"training samples gives each of the {n} nodes one batch ({config.batch}); raise "
+            "alpha (--alpha) or lower batch (--batch) or nodes (--nodes)") from e
     source = stream_source(ds.x_train, ds.y_train, parts, config.batch, seed=config.seed,
                            resample=resample,
                            samples_per_node=config.samples_per_node if resample else None)
