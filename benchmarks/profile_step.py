@@ -120,7 +120,8 @@ def op_profile(jitted: Any, fargs: tuple, steps: int, repeats: int) -> dict:
 
     The call runs once to warm up, then ``repeats`` times under the profiler; every
     operation event of the call's module (the trace's ``hlo_module`` and ``hlo_op``) is summed
-    and divided by ``repeats * steps``. XLA:CPU may run independent operations on its threads
+    and divided by ``repeats * steps``; loops and calls are left out (their bodies'
+    operations are counted). XLA:CPU may run independent operations on its threads
     at once, so the sum of the operations can exceed the wall time.
 
     Args:
