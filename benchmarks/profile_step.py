@@ -115,7 +115,8 @@ def _cost(fn, *args) -> dict:
         return {"flops": None, "bytes": None}
 
 
-def op_profile(jitted: Any, fargs: tuple, steps: int, repeats: int) -> dict:
+def op_profile(jitted: Any, fargs: tuple, steps: int, repeats: int,
+               static: dict | None = None) -> dict:
     """Time per XLA operation of ``jitted(*fargs)`` from a ``jax.profiler`` trace.
 
     The call runs once to warm up, then ``repeats`` times under the profiler; every
@@ -125,10 +126,11 @@ def op_profile(jitted: Any, fargs: tuple, steps: int, repeats: int) -> dict:
     at once, so the sum of the operations can exceed the wall time.
 
     Args:
-      jitted: a ``jax.jit`` function.
+      jitted: a ``jax.jit`` function; it is lowered and compiled once.
       fargs: its arguments.
       steps: training steps per call (the per-step divisor).
       repeats: profiled calls.
+      static: its static keyword arguments, if any.
 
     Returns:
       ``{"wall_s_per_step", "ops_s_per_step", "ops": [...]}``, the operations costliest
@@ -136,7 +138,8 @@ def op_profile(jitted: Any, fargs: tuple, steps: int, repeats: int) -> dict:
       of operations; ``source`` the ``op_name`` metadata XLA keeps, e.g.
       ``.../transpose(jvp(CNN))/Conv_1/dot_general`` for a backward product).
     """
-    text = jitted.lower(*fargs).compile().as_text()
+    compiled = jitted.lower(*fargs, **(static or {})).compile()  # once: text and calls
+    text = compiled.as_text()
     module = re.match(r"HloModule (\S+?),", text).group(1)
     meta = {}
     containers = set()  # while/call/conditional: their time is their body's operations
@@ -146,12 +149,12 @@ def op_profile(jitted: Any, fargs: tuple, steps: int, repeats: int) -> dict:
             containers.add(m.group(1))
         src = re.search(r'op_name="([^"]+)"', m.group(4))
         meta.setdefault(m.group(1), (m.group(2), src.group(1) if src else ""))
-    jax.block_until_ready(jitted(*fargs))
+    jax.block_until_ready(compiled(*fargs))
     with tempfile.TemporaryDirectory() as d:
         tic = time.perf_counter()
         with jax.profiler.trace(d, create_perfetto_trace=True):
             for _ in range(repeats):
-                jax.block_until_ready(jitted(*fargs))
+                jax.block_until_ready(compiled(*fargs))
         wall = (time.perf_counter() - tic) / (repeats * steps)
         trace = next(Path(d).rglob("perfetto_trace.json.gz"))
         events = json.load(gzip.open(trace))
@@ -238,9 +241,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     def step(mixer, state, batch):  # the library's ATC step without per-step metrics
         return atc(loss_fn, opt, mixer, consensus=False, finite=False).step(state, batch)[0]
 
-    @jax.jit
-    def run_step(state, batches, mixer):
-        return jax.lax.scan(lambda s, b: (step(mixer, s, b), None), state, batches)[0].params
+    @functools.partial(jax.jit, static_argnames="unroll")
+    def run_step(state, batches, mixer, unroll=1):
+        return jax.lax.scan(lambda s, b: (step(mixer, s, b), None), state, batches,
+                            unroll=unroll)[0].params
 
     def gossip_scan(kind):
         @jax.jit
@@ -355,17 +359,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         console.print(f"wrote {args.dump}")
     ops = None
     if args.ops:
+        # as simulate runs it: fully unrolled chunks for a model with a convolution on CPU
         sim = atc(loss_fn, opt, dense, consensus=False, finite=False)
         unroll = auto_unroll(sim, state0, batches, jax.default_backend())
         k = unroll or T
-
-        @jax.jit
-        def chunk(state, batches):  # as simulate runs it: unrolled chunks for a CNN on CPU
-            return jax.lax.scan(lambda s, b: (step(dense, s, b), None), state, batches,
-                                unroll=bool(unroll) or 1)[0].params
-
         part = jax.tree.map(lambda x: x[:k], batches)
-        ops = op_profile(chunk, (state0, part), k, args.repeats)
+        ops = op_profile(run_step, (state0, part, dense), k, args.repeats,
+                         static={"unroll": bool(unroll) or 1})
         console.print(ops_table(ops, args.ops))
     result = {"benchmark": "profile_step", "machine": machine, "peak": peak,
               "bandwidth_gbs": bw, "bandwidth_16mib_gbs": bw_l3,

@@ -322,6 +322,38 @@ def load_data(config: RunConfig) -> data_lib.Dataset:
                          f"({type(err).__name__}: {err})") from err
 
 
+def partition_nodes(config: RunConfig, labels: np.ndarray, seed: int) -> list[np.ndarray]:
+    """The run's split of the train set over ``config.nodes`` nodes.
+
+    ``config.partition`` names it (``resample`` starts from an IID split); a Dirichlet
+    split is redrawn until every node holds at least one batch (``min_size=config.batch``).
+
+    Args:
+      config: the run.
+      labels: ``[N]`` train labels.
+      seed: seed of the split.
+
+    Returns:
+      ``n`` int64 index arrays into the train set.
+
+    Raises:
+      ValueError: when no Dirichlet draw gives every node a batch, naming the flags.
+    """
+    kind = "iid" if config.partition == "resample" else config.partition
+    try:
+        return data_lib.partition(kind, labels, config.nodes, seed=seed,
+                                  samples_per_node=config.samples_per_node,
+                                  alpha=config.alpha, min_size=config.batch)
+    except ValueError as e:
+        if kind != "dirichlet":
+            raise
+        raise ValueError(
+            f"partition: no Dirichlet(alpha={config.alpha}) split of the {len(labels)} "
+            f"training samples gives each of the {config.nodes} nodes one batch "
+            f"({config.batch}); raise alpha (--alpha) or lower batch (--batch) or nodes "
+            "(--nodes)") from e
+
+
 def build(config: RunConfig, dtype: Any = None) -> Setup:
     """Loads data, partitions it, builds the model, the initial parameters and the graph.
 
@@ -339,18 +371,7 @@ def build(config: RunConfig, dtype: Any = None) -> Setup:
     ds = load_data(config)
     n = config.nodes
     resample = config.partition == "resample"
-    kind = "iid" if resample else config.partition
-    try:
-        parts = data_lib.partition(kind, ds.y_train, n, seed=config.seed,
-                                   samples_per_node=config.samples_per_node,
-                                   alpha=config.alpha, min_size=config.batch)
-    except ValueError as e:
-        if kind != "dirichlet" or "min_size" not in str(e):
-            raise
-        raise ValueError(
-            f"partition: no Dirichlet(alpha={config.alpha}) split of the {ds.y_train.size} "
-            f"training samples gives each of the {n} nodes one batch ({config.batch}); raise "
-            "alpha (--alpha) or lower batch (--batch) or nodes (--nodes)") from e
+    parts = partition_nodes(config, ds.y_train, config.seed)
     source = stream_source(ds.x_train, ds.y_train, parts, config.batch, seed=config.seed,
                            resample=resample,
                            samples_per_node=config.samples_per_node if resample else None)

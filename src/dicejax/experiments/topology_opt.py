@@ -46,6 +46,7 @@ from dicejax.experiments.common import (
     TypedSource,
     make_optimizer,
     make_topology,
+    partition_nodes,
     step_bytes,
     window_chunks,
 )
@@ -118,9 +119,7 @@ def _seed_setup(config: RunConfig, ds: data_lib.Dataset, seed: int, val_size: in
     val_idx, train_idx = perm[:val_size], np.sort(perm[val_size:])
     x_tr, y_tr = ds.x_train[train_idx], ds.y_train[train_idx]
     resample = config.partition == "resample"
-    parts = data_lib.partition("iid" if resample else config.partition, y_tr, config.nodes,
-                               seed=seed, samples_per_node=config.samples_per_node,
-                               alpha=config.alpha, min_size=config.batch)
+    parts = partition_nodes(config, y_tr, seed)
     model = model_lib.get_model(config.model, ds.num_classes)
     params = model_lib.init_params(model, jax.random.PRNGKey(seed), ds.input_shape,
                                    num_nodes=config.nodes, same_init=config.same_init,
