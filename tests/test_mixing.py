@@ -42,6 +42,37 @@ def test_dense_and_sparse_equal_double_loop(density, rng):
         np.testing.assert_allclose(sparse[name], expect[name], rtol=tol, atol=tol)
 
 
+def _gossip_dense_one_buffer(W, tree):
+    """The kernel ``gossip_dense`` replaced: all leaves of a dtype in one ``[n, P]`` buffer."""
+    return mixing.flat_apply(
+        lambda buf: jnp.matmul(W.astype(buf.dtype), buf, precision=jax.lax.Precision.HIGHEST),
+        tree)
+
+
+def test_dense_per_leaf_equals_one_buffer_kernel_values_and_gradients(rng):
+    n = 7
+    W = jnp.asarray(random_stochastic(n, rng, density=0.5))
+    tree = {k: v.astype(jnp.float64) for k, v in _tree(n, rng).items()}
+    probe = jax.tree.map(lambda x: jnp.asarray(rng.normal(size=x.shape)), tree)
+
+    def objective(kernel):
+        def f(M, t):
+            out = kernel(M, t)
+            return sum(jnp.sum(jnp.sin(o) * p)
+                       for o, p in zip(jax.tree.leaves(out), jax.tree.leaves(probe)))
+        return f
+
+    new, old = mixing.gossip_dense(W, tree), _gossip_dense_one_buffer(W, tree)
+    for name in tree:
+        assert new[name].shape == old[name].shape
+        np.testing.assert_allclose(new[name], old[name], rtol=1e-14, atol=1e-14)
+    g_new = jax.grad(objective(mixing.gossip_dense), argnums=(0, 1))(W, tree)
+    g_old = jax.grad(objective(_gossip_dense_one_buffer), argnums=(0, 1))(W, tree)
+    np.testing.assert_allclose(g_new[0], g_old[0], rtol=1e-13, atol=1e-14)
+    for a, b in zip(jax.tree.leaves(g_new[1]), jax.tree.leaves(g_old[1]), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-13, atol=1e-14)
+
+
 def test_periodic_mixer_uses_step_modulo_period(rng):
     n = 6
     Ws = random_stochastic(n, rng, steps=3)
