@@ -101,11 +101,14 @@ def test_sparse_weights_are_differentiable(rng):
 
 
 def test_choose_method():
-    # sparse (fused row gathers) once the padded degree is at most n / 3, from 8 nodes
-    assert mixing.choose_method(16, 5) == "sparse"
-    assert mixing.choose_method(16, 6) == "dense"
-    assert mixing.choose_method(8, 2) == "sparse"
-    assert mixing.choose_method(7, 2) == "dense"
+    # sparse (fused row gathers) once the padded degree is at most n / 8, from 8 nodes
+    assert mixing.choose_method(16, 2) == "sparse"
+    assert mixing.choose_method(16, 3) == "dense"
+    assert mixing.choose_method(16, 5) == "dense"  # the 16-node exponential graph
+    assert mixing.choose_method(64, 8) == "sparse"
+    assert mixing.choose_method(64, 9) == "dense"
+    assert mixing.choose_method(8, 1) == "sparse"
+    assert mixing.choose_method(7, 1) == "dense"
     assert mixing.choose_method(1024, 11) == "sparse"
     assert mixing.choose_method(1024, 512) == "dense"
     assert mixing.choose_method(16, 5, "dense") == "dense"

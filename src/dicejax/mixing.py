@@ -34,14 +34,17 @@ Method = Literal["auto", "dense", "sparse"]
 # "auto" picks the sparse kernel when the graph has at least this many nodes ...
 SPARSE_MIN_NODES = 8
 # ... and each node has at most this fraction of the nodes as in-neighbours (padded degree D,
-# self included). Measured (benchmarks/RESULTS.md §2, finding 3: exponential graphs,
-# MLP-sized leaves, gossip alone; compare ratios, the machine was loaded): the fused gather
-# kernel took 2.5 ms vs 9.6 ms dense at n = 16 (D = 5), 11.5 vs 47 at n = 64 (D = 7) and
-# 124 vs 377 at n = 256 (D = 9), and on a quiet machine it already matched dense at n = 16,
-# D = 5 (1.26 vs 1.25 ms). So the break-even fill D / n lies near 5 / 16 ≈ 0.31 or above:
-# D <= n / 3 picks sparse for those graphs and keeps denser ones on the single matrix
-# product. Below 8 nodes the dense product is a handful of FLOPs per parameter either way.
-SPARSE_MAX_FILL = 1 / 3
+# self included). Measured (benchmarks/RESULTS.md §2): with the one-buffer dense kernel
+# (finding 3: gossip alone, a loaded machine) the gather kernel took 2.5 ms vs 9.6 ms dense
+# at n = 16 (D = 5), 11.5 vs 47 at n = 64 (D = 7), 124 vs 377 at n = 256 (D = 9). Once the
+# dense kernel multiplied leaf by leaf (2026-12-04, a quiet Intel Xeon VM, `simulate` of the
+# MLP on exponential graphs, two runs each) dense beat the gather kernel by 6–19 % at n = 8,
+# 26–32 % at n = 16 (D = 5), 12–33 % at n = 32 (D = 6) and 8–11 % at n = 64 (D = 7), matched
+# it at n = 128 (D = 8) and lost 5 % at n = 256 (D = 9). D <= n / 8 keeps n = 16 and 32 on
+# the dense product (the largest gains) and moves exponential graphs to the gather kernel
+# from n = 64 on, where the two are within about 10 % and the gather kernel's O(n D P)
+# scaling takes over.
+SPARSE_MAX_FILL = 1 / 8
 
 
 def choose_method(n: int, max_in_degree: int, method: Method = "auto") -> str:
@@ -51,7 +54,7 @@ def choose_method(n: int, max_in_degree: int, method: Method = "auto") -> str:
       n: number of nodes.
       max_in_degree: ``D``, the width of the padded neighbour list (self included).
       method: ``"dense"`` or ``"sparse"`` force a kernel; ``"auto"`` picks sparse for graphs
-        with ``n >= SPARSE_MIN_NODES`` (8) nodes and ``D <= SPARSE_MAX_FILL · n`` (``n / 3``).
+        with ``n >= SPARSE_MIN_NODES`` (8) nodes and ``D <= SPARSE_MAX_FILL · n`` (``n / 8``).
 
     Returns:
       ``"dense"`` or ``"sparse"``.
