@@ -40,10 +40,11 @@ SPARSE_MIN_NODES = 8
 # dense kernel multiplied leaf by leaf (2026-12-04, a quiet Intel Xeon VM, `simulate` of the
 # MLP on exponential graphs, two runs each) dense beat the gather kernel by 6–19 % at n = 8,
 # 26–32 % at n = 16 (D = 5), 12–33 % at n = 32 (D = 6) and 8–11 % at n = 64 (D = 7), matched
-# it at n = 128 (D = 8) and lost 5 % at n = 256 (D = 9). D <= n / 8 keeps n = 16 and 32 on
-# the dense product (the largest gains) and moves exponential graphs to the gather kernel
-# from n = 64 on, where the two are within about 10 % and the gather kernel's O(n D P)
-# scaling takes over.
+# it at n = 128 (D = 8) and lost 5 % at n = 256 (D = 9). Gossip alone
+# (`benchmarks/bench_gossip.py`, ring / torus / exponential, n = 8 … 144, same VM): D <= n / 8
+# picks the faster kernel in 17 of the 20 graphs, and in the other three it costs 1.15× (ring,
+# n = 16), 1.01× (torus, n = 36) and 1.07× (exponential, n = 64); D <= n / 3 lost up to 2×
+# (exponential, n = 16) and 1.4× (torus, n = 16).
 SPARSE_MAX_FILL = 1 / 8
 
 
