@@ -9,8 +9,9 @@ the two agree, and prints the median times, their ratio and the kernel ``"auto"`
     python benchmarks/bench_gossip.py
     python benchmarks/bench_gossip.py --topologies ring,exponential --nodes 16,64 --repeats 2
 
-Each (graph, kernel) is timed ``--repeats`` times, alternating the two kernels, ``--calls``
-calls each (median); the table gives the fastest and slowest of the repeats. Compare within
+Each graph is timed ``--repeats`` times: ``--calls`` calls of each kernel, interleaved
+(:func:`benchmarks.common.median_ms`), their median; the table gives the fastest and
+slowest of the repeats' medians. Compare within
 one run: the machine's speed drifts between runs (RESULTS.md).
 """
 
@@ -20,7 +21,6 @@ import argparse
 import itertools
 import math
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -54,17 +54,6 @@ def leaves(n: int, widths: list[int], rng: np.random.Generator) -> list[jax.Arra
     return [jax.numpy.asarray(x.astype(np.float32)) for x in out]
 
 
-def median_ms(fn, x, calls: int) -> float:
-    """Median wall time of ``calls`` calls of ``fn(x)``, in milliseconds (compiled first)."""
-    jax.block_until_ready(fn(x))
-    times = []
-    for _ in range(calls):
-        start = time.perf_counter()
-        jax.block_until_ready(fn(x))
-        times.append(time.perf_counter() - start)
-    return 1e3 * float(np.median(times))
-
-
 def run_case(topo: dj.topology.Topology, widths: list[int], repeats: int, calls: int,
              rng: np.random.Generator) -> dict:
     """Times both kernels on one graph; raises if they disagree."""
@@ -80,8 +69,9 @@ def run_case(topo: dj.topology.Topology, widths: list[int], repeats: int, calls:
         raise RuntimeError(f"{topo.name}: dense and sparse gossip differ by {diff:.2e}")
     times = {"dense": [], "sparse": []}
     for _ in range(repeats):
-        times["dense"].append(median_ms(dense, x, calls))
-        times["sparse"].append(median_ms(sparse, x, calls))
+        ms = common.median_ms({"dense": lambda: dense(x), "sparse": lambda: sparse(x)}, calls)
+        for kernel, value in ms.items():
+            times[kernel].append(value)
     degree = int(topo.neighbors.indices.shape[1])
     return {"topology": topo.name, "n": n, "D": degree, "fill": degree / n,
             "dense_ms": times["dense"], "sparse_ms": times["sparse"],

@@ -23,9 +23,7 @@ Usage::
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
-import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -47,20 +45,6 @@ from dicejax.simulate import auto_unroll, check_params, plan_run, run_chunk
 
 DEFAULT_OUT = common.RESULTS_DIR / "bench_overhead.json"
 GOAL_MS = 5.0
-
-
-def _median_ms(fns: dict[str, Callable[[], Any]], repeats: int) -> dict[str, float]:
-    """Median wall time (ms) of each blocked call, the calls interleaved per repeat."""
-    times: dict[str, list[float]] = {k: [] for k in fns}
-    for fn in fns.values():  # warm-up: compile and fill caches
-        jax.block_until_ready(fn())
-        jax.block_until_ready(fn())
-    for _ in range(repeats):
-        for name, fn in fns.items():
-            t0 = time.perf_counter()
-            jax.block_until_ready(fn())
-            times[name].append((time.perf_counter() - t0) * 1e3)
-    return {k: statistics.median(v) for k, v in times.items()}
 
 
 def case_fns(model_name: str, n: int, batch: int, steps: int) -> dict[str, Callable[[], Any]]:
@@ -113,7 +97,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         batch = args.batch or (32 if model_name == "mlp" else 16)
         for steps in (int(s) for s in args.steps.split(",")):
             load0 = common.load_average()
-            ms = _median_ms(case_fns(model_name, args.nodes, batch, steps), args.repeats)
+            ms = common.median_ms(case_fns(model_name, args.nodes, batch, steps), args.repeats)
             overhead = ms["simulate"] - ms["run"]
             row = {"model": model_name, "n": args.nodes, "batch": batch, "steps": steps,
                    "ms": ms, "overhead_ms": overhead, "load": [load0, common.load_average()]}

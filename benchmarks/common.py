@@ -36,6 +36,24 @@ def timed(fn: Callable[[], Any]) -> tuple[float, Any]:
     return time.perf_counter() - start, out
 
 
+def median_ms(fns: Mapping[str, Callable[[], Any]], repeats: int) -> dict[str, float]:
+    """Median wall time (ms) of each blocked call, the calls interleaved per repeat.
+
+    Each function is called twice first (compilation and caches), then ``repeats`` rounds
+    call every function once, in order, so drift of the machine hits all of them alike.
+    """
+    times: dict[str, list[float]] = {k: [] for k in fns}
+    for fn in fns.values():
+        jax.block_until_ready(fn())
+        jax.block_until_ready(fn())
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            jax.block_until_ready(fn())
+            times[name].append((time.perf_counter() - start) * 1e3)
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
 def machine_info() -> dict:
     """Platform, CPU, versions, JAX backend and the 1-minute load averages."""
     cpu = platform.processor()

@@ -42,9 +42,9 @@ SPARSE_MIN_NODES = 8
 # 26–32 % at n = 16 (D = 5), 12–33 % at n = 32 (D = 6) and 8–11 % at n = 64 (D = 7), matched
 # it at n = 128 (D = 8) and lost 5 % at n = 256 (D = 9). Gossip alone
 # (`benchmarks/bench_gossip.py`, ring / torus / exponential, n = 8 … 144, same VM): D <= n / 8
-# picks the faster kernel in 17 of the 20 graphs, and in the other three it costs 1.15× (ring,
-# n = 16), 1.01× (torus, n = 36) and 1.07× (exponential, n = 64); D <= n / 3 lost up to 2×
-# (exponential, n = 16) and 1.4× (torus, n = 16).
+# picks the faster kernel in 18 of the 20 graphs, and in the other two it costs 1.13× (ring,
+# n = 16) and 1.22× (exponential, n = 64, where runs disagree: 0.82–1.20); D <= n / 3 lost
+# 1.25–1.5× on the torus at n = 16 and 36 and on exponential graphs of 16 to 36 nodes.
 SPARSE_MAX_FILL = 1 / 8
 
 
