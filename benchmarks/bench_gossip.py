@@ -11,8 +11,8 @@ the two agree, and prints the median times, their ratio and the kernel ``"auto"`
 
 Each graph is timed ``--repeats`` times: ``--calls`` calls of each kernel, interleaved
 (:func:`benchmarks.common.median_ms`), their median; the table gives the fastest and
-slowest of the repeats' medians. Compare within
-one run: the machine's speed drifts between runs (RESULTS.md).
+slowest of the repeats' medians. Compare within one run: the machine's speed drifts
+between runs (RESULTS.md).
 """
 
 from __future__ import annotations
@@ -39,11 +39,11 @@ TOPOLOGIES = ("ring", "torus", "exponential")
 
 
 def make_graph(name: str, n: int) -> dj.topology.Topology | None:
-    """The named graph on ``n`` nodes; a torus needs a square ``n`` (``None`` otherwise)."""
-    if name == "torus":
-        side = math.isqrt(n)
-        return dj.topology.torus(side, side) if side * side == n and side >= 3 else None
-    return getattr(dj.topology, name)(n)
+    """The named graph on ``n`` nodes (:func:`dicejax.topology.by_name`); only square tori of
+    side >= 3 (``None`` otherwise), so that every torus has ``D = 5``."""
+    if name == "torus" and not (math.isqrt(n) ** 2 == n and n >= 9):
+        return None
+    return dj.topology.by_name(name, n)
 
 
 def leaves(n: int, widths: list[int], rng: np.random.Generator) -> list[jax.Array]:
@@ -59,7 +59,7 @@ def run_case(topo: dj.topology.Topology, widths: list[int], repeats: int, calls:
     """Times both kernels on one graph; raises if they disagree."""
     n = topo.n
     matrix = jax.numpy.asarray(topo.matrix, jax.numpy.float32)
-    mixer = mixing.make_mixer(matrix[None], topo.neighbors.indices)
+    mixer = mixing.from_topology(topo, method="sparse")
     x = leaves(n, widths, rng)
     dense = jax.jit(lambda t: mixing.gossip_dense(matrix, t))
     sparse = jax.jit(lambda t: mixing.gossip_sparse(mixer.indices, mixer.weights[0], t))
